@@ -1,0 +1,57 @@
+"""Train and evaluate EfficientAD and PUAD on an MVTec-layout folder; write a JSON result.
+
+    python -m benchmarks.accuracy --data ../shared/data/mvtec_ad/bottle --size lite --device cuda
+
+Image AUROC, pixel AUROC, AUPRO (FPR <= 0.3) and F1-max for EfficientAD alone and
+for PUAD, plus per-defect AUROC, training time, steps and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from benchmarks.common import write_result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--size", default="lite", choices=["lite", "s", "m"])
+    p.add_argument("--steps", type=int, default=70_000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--work", default="runs/accuracy", help="folder for the checkpoint")
+    p.add_argument("--name", default=None, help="result file name (default accuracy_<data>_<size>.json)")
+    p.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from train.cli import SIZES
+    from train.evaluate import evaluate_model
+    from train.loop import TrainConfig, load_checkpoint, train
+
+    work = Path(args.work) / f"{Path(args.data).name}_{args.size}"
+    cfg = TrainConfig(data=args.data, out=str(work), model=SIZES[args.size], steps=args.steps, device=args.device,
+                      image_size=args.image_size, seed=args.seed, amp=args.amp,
+                      model_kwargs={} if args.size == "lite" else {"teacher": "lite0"})
+    t0 = time.time()
+    ckpt = train(cfg)
+    model, blob = load_checkpoint(ckpt)
+    t1 = time.time()
+    metrics = evaluate_model(model, args.data, args.device)
+    name = args.name or f"accuracy_{Path(args.data).name}_{args.size}.json"
+    path = write_result(name, {"data": str(args.data), "model": SIZES[args.size], "steps": args.steps,
+                               "train_seconds": blob["train"]["train_seconds"], "eval_seconds": time.time() - t1,
+                               "total_seconds": time.time() - t0, "config": blob["config"], "metrics": metrics},
+                        args.results)
+    import json
+
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""edgead training: EfficientAD (student-teacher + autoencoder) and PUAD, in plain PyTorch."""

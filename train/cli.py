@@ -1,0 +1,68 @@
+"""`python -m train --data DIR --out DIR [--size s|m|lite] [--steps N] [--device cuda|cpu]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from runtime.artifact import ArtifactError
+from runtime.dataset import DatasetError
+
+SIZES = {"lite": "efficientad_lite", "s": "efficientad_s", "m": "efficientad_m"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .loop import PAPER_STEPS
+
+    p = argparse.ArgumentParser(prog="python -m train", description="Train EfficientAD + PUAD on good images only "
+                                "(MVTec layout: DIR/train/good). Writes OUT/checkpoint.pt for `python -m export`.")
+    p.add_argument("--data", required=True, help="category folder holding train/good (and optionally test/)")
+    p.add_argument("--out", required=True, help="output folder for checkpoint.pt and train_log.jsonl")
+    p.add_argument("--size", choices=sorted(SIZES), default="lite",
+                   help="lite: real-time EfficientNet-Lite0 teacher (default); s/m: the paper's PDN networks")
+    p.add_argument("--teacher", choices=["lite0", "pdn_s", "pdn_m"], default=None,
+                   help="teacher for s/m (default lite0: frozen ImageNet EfficientNet-Lite0 features)")
+    p.add_argument("--steps", type=int, default=PAPER_STEPS, help=f"training steps (paper: {PAPER_STEPS})")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--puad-weight", type=float, default=0.5, help="weight of the unpicturable (Gaussian) score")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the first OK/NG threshold")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--evaluate", action="store_true", help="after training, report metrics on DATA/test")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .loop import TrainConfig, load_checkpoint, train
+    from .models import efficientad as _  # noqa: F401
+
+    model = SIZES[args.size]
+    if args.teacher and args.size == "lite" and args.teacher != "lite0":
+        print("error: --size lite always uses the lite0 teacher", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(data=args.data, out=args.out, model=model, image_size=args.image_size, steps=args.steps,
+                      batch_size=args.batch_size, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
+                      target_fpr=args.target_fpr, amp=args.amp)
+    if args.teacher and args.size != "lite":
+        cfg.model_kwargs = {"teacher": args.teacher}
+    elif args.size != "lite":
+        cfg.model_kwargs = {"teacher": "lite0"}
+    try:
+        ckpt = train(cfg, resume=args.resume)
+        if args.evaluate:
+            from .evaluate import evaluate_model
+
+            m, _ = load_checkpoint(ckpt)
+            print(json.dumps(evaluate_model(m, args.data, args.device), indent=2))
+    except (DatasetError, ArtifactError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(ckpt)
+    return 0

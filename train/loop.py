@@ -1,0 +1,248 @@
+"""The EfficientAD training loop and the first calibration, producing an edgead checkpoint.
+
+Steps (paper section 3-4): teacher feature normalization -> 70k Adam steps on the
+student (hard-feature loss + penalty) and autoencoder (+ student-on-AE) -> map
+quantiles on held-out good images -> PUAD Gaussian on pooled student features of the
+training images -> score normalization and threshold on held-out good images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibration import fitting
+from runtime.artifact import ArtifactError, atomic_write_bytes
+from runtime.dataset import open_dataset
+
+from .data import color_jitter, load_frames, penalty_images, split_train_validation
+from .models import create_model
+from .models.efficientad import EfficientAD, build_from_config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "edgead-checkpoint/1"
+PAPER_STEPS = 70_000
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "efficientad_lite"
+    image_size: int = 256
+    steps: int = PAPER_STEPS
+    batch_size: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    hard_quantile: float = 0.999
+    penalty: bool = True
+    puad_weight: float = 0.5
+    target_fpr: float = 0.01
+    seed: int = 0
+    device: str = "cpu"
+    save_every: int = 5000
+    pretrained: bool = True
+    amp: bool = False  # bf16 autocast on CUDA
+    model_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"teacher": "lite0"} for s/m
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model: EfficientAD, extra: dict) -> None:
+    """State dict + JSON-able metadata, written atomically (never a pickled module)."""
+    blob = {"format": CHECKPOINT_FORMAT, "config": model.cfg.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[EfficientAD, dict]:
+    """Rebuild the model from a checkpoint; clear errors for wrong files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: checkpoint not found; train one with `python -m train --data DIR --out DIR`")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise ArtifactError(f"{path}: not a readable edgead checkpoint ({type(e).__name__}); re-run training") from e
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{path}: not an edgead checkpoint (format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}); "
+                            "pass the checkpoint.pt written by `python -m train`")
+    cfg = dict(blob["config"])
+    cfg["pretrained"] = False  # weights come from the state dict
+    model = build_from_config(cfg)
+    model.load_state_dict(blob["state_dict"])
+    model.cfg.pretrained = blob["config"].get("pretrained", True)
+    return model.eval(), blob
+
+
+# ----------------------------------------------------------------------------- helpers
+def _batches(frames: np.ndarray, batch: int):
+    for i in range(0, len(frames), batch):
+        yield frames[i:i + batch]
+
+
+@torch.no_grad()
+def teacher_statistics(model: EfficientAD, frames: np.ndarray, device: str) -> None:
+    """Channel-wise mean/std of teacher features over the training images."""
+    s1 = s2 = None
+    n = 0
+    for b in _batches(frames, 16):
+        t = model.teacher(model.preprocess(torch.from_numpy(b).to(device))).double()
+        s1 = t.sum(dim=(0, 2, 3)) if s1 is None else s1 + t.sum(dim=(0, 2, 3))
+        s2 = (t * t).sum(dim=(0, 2, 3)) if s2 is None else s2 + (t * t).sum(dim=(0, 2, 3))
+        n += t.shape[0] * t.shape[2] * t.shape[3]
+    mean = s1 / n
+    std = torch.sqrt(torch.clamp(s2 / n - mean * mean, min=1e-12))
+    model.teacher_mean.copy_(mean.float().view_as(model.teacher_mean))
+    model.teacher_std.copy_(std.float().view_as(model.teacher_std))
+
+
+@torch.no_grad()
+def run_outputs(model: EfficientAD, frames: np.ndarray, device: str, batch: int = 16,
+                keys=("map_st_raw", "map_ae_raw", "features", "picturable_score", "unpicturable_score",
+                      "image_score", "anomaly_map")) -> dict[str, np.ndarray]:
+    """Deployed-graph outputs for uint8 frames, stacked as float32 numpy."""
+    model.eval()
+    acc: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for b in _batches(frames, batch):
+        out = model(torch.from_numpy(b).to(device))
+        for k in keys:
+            acc[k].append(out[k].float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in acc.items()}
+
+
+def calibrate_model(model: EfficientAD, fit_frames: np.ndarray, val_frames: np.ndarray, device: str,
+                    puad_weight: float = 0.5, target_fpr: float = 0.01) -> dict:
+    """First calibration: quantiles, Gaussian, score normalization, threshold. Returns sidecar parts."""
+    out_val = run_outputs(model, val_frames, device, keys=("map_st_raw", "map_ae_raw"))
+    norm = fitting.map_quantiles(out_val["map_st_raw"], out_val["map_ae_raw"])
+    feats = run_outputs(model, fit_frames, device, keys=("features",))["features"]
+    g = fitting.fit_gaussian(feats)
+    st_scale, st_shift, ae_scale, ae_shift = norm.affine()
+    model.set_calibration(st_scale, st_shift, ae_scale, ae_shift, g.mean, g.whitener, [0, 0], [0.5, 0.5])
+    out = run_outputs(model, val_frames, device, keys=("picturable_score", "unpicturable_score"))
+    spec = fitting.score_normalization(out["picturable_score"], out["unpicturable_score"], puad_weight)
+    center, weight = fitting.score_constants(spec)
+    model.set_calibration(st_scale, st_shift, ae_scale, ae_shift, g.mean, g.whitener, center, weight)
+    scores = run_outputs(model, val_frames, device, keys=("image_score",))["image_score"]
+    thr = fitting.threshold_at_fpr(scores, target_fpr)
+    return {"normalization": dataclasses.asdict(norm), "gaussian": dataclasses.asdict(g.info),
+            "score": dataclasses.asdict(spec), "thresholds": dataclasses.asdict(thr)}
+
+
+def _losses(model: EfficientAD, rgb: torch.Tensor, gen: torch.Generator, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    c = model.channels
+    x = model.normalize(rgb)
+    t = model.teacher_features(x)
+    s = model.student(x)
+    d = (t - s[:, :c]) ** 2
+    d_hard = torch.quantile(d.flatten()[: 2 ** 24], cfg.hard_quantile)  # torch.quantile caps at 2^24 elements
+    loss_hard = torch.mean(d[d >= d_hard])
+    losses = {"hard": loss_hard}
+    if cfg.penalty:
+        p = model.student(model.normalize(penalty_images(rgb, gen)))
+        losses["penalty"] = torch.mean(p[:, :c] ** 2)
+    xa = model.normalize(color_jitter(rgb, gen))
+    ta = model.teacher_features(xa)
+    a = model.autoencoder(xa)
+    sa = model.student(xa)[:, c:]
+    losses["ae"] = torch.mean((ta - a) ** 2)
+    losses["st_ae"] = torch.mean((a - sa) ** 2)
+    return losses
+
+
+# ----------------------------------------------------------------------------- main entry
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train, calibrate and write ``<out>/checkpoint.pt``; returns its path."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    ds = open_dataset(cfg.data, require_test=False)
+    fit_paths, val_paths = split_train_validation(ds, cfg.seed)
+    fit_frames = load_frames(fit_paths, cfg.image_size, "train images")
+    val_frames = load_frames(val_paths, cfg.image_size, "validation images")
+    log.info("%d training, %d validation images at %dx%d", len(fit_frames), len(val_frames), cfg.image_size, cfg.image_size)
+
+    model = create_model(cfg.model, image_size=cfg.image_size, pretrained=cfg.pretrained, **cfg.model_kwargs).to(device)
+    params = list(model.student.parameters()) + list(model.autoencoder.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * cfg.steps)), gamma=0.1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    last = out / "last.pt"
+    if resume and last.is_file():
+        blob = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(blob["state_dict"])
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        gen.set_state(blob["generator"])
+        torch.set_rng_state(blob["torch_rng"])
+        step = int(blob["step"])
+        log.info("resumed from %s at step %d", last, step)
+    else:
+        teacher_statistics(model, fit_frames, device)
+
+    frames_dev = torch.from_numpy(fit_frames).to(device)
+    t0 = time.time()
+    model.train()
+    log_path = out / "train_log.jsonl"
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", dynamic_ncols=True)
+    history = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda"))
+    while step < cfg.steps:
+        idx = torch.randint(len(frames_dev), (cfg.batch_size,), generator=gen)
+        rgb = model.to_rgb(frames_dev[idx.to(frames_dev.device)])
+        with autocast:
+            losses = _losses(model, rgb, gen, cfg)
+            loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        if step % 50 == 0 or step == cfg.steps:
+            vals = {k: float(v.detach()) for k, v in losses.items()}
+            history.append({"step": step, "loss": float(loss.detach()), **vals})
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", hard=f"{vals['hard']:.4f}", ae=f"{vals['ae']:.4f}")
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            _save_resume(last, model, opt, sched, gen, step)
+    bar.close()
+    train_seconds = time.time() - t0
+    model.eval()
+    parts = calibrate_model(model, fit_frames, val_frames, device, cfg.puad_weight, cfg.target_fpr)
+    with open(log_path, "w") as f:
+        for h in history:
+            f.write(json.dumps(h) + "\n")
+    ckpt = out / "checkpoint.pt"
+    save_checkpoint(ckpt, model, {
+        **parts,
+        "train": {**dataclasses.asdict(cfg), "train_seconds": train_seconds, "n_fit": len(fit_frames),
+                  "n_validation": len(val_frames), "final_loss": history[-1] if history else None,
+                  "torch": str(torch.__version__)},
+    })
+    if last.exists():
+        last.unlink()
+    log.info("wrote %s (%.1fs training)", ckpt, train_seconds)
+    return ckpt
+
+
+def _save_resume(path: Path, model, opt, sched, gen, step: int) -> None:
+    buf = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step}, buf)
+    atomic_write_bytes(path, buf.getvalue())

@@ -20,6 +20,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--size", default="lite", choices=["lite", "s", "m"])
     p.add_argument("--steps", type=int, default=70_000)
+    p.add_argument("--batch-size", type=int, default=1, help="paper: 1; 8 with steps/8 sees the same number of images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -35,7 +36,7 @@ def main() -> None:
 
     work = Path(args.work) / f"{Path(args.data).name}_{args.size}"
     cfg = TrainConfig(data=args.data, out=str(work), model=SIZES[args.size], steps=args.steps, device=args.device,
-                      image_size=args.image_size, seed=args.seed, amp=args.amp,
+                      image_size=args.image_size, seed=args.seed, amp=args.amp, batch_size=args.batch_size,
                       model_kwargs={} if args.size == "lite" else {"teacher": "lite0"})
     t0 = time.time()
     ckpt = train(cfg)
@@ -43,7 +44,8 @@ def main() -> None:
     t1 = time.time()
     metrics = evaluate_model(model, args.data, args.device)
     name = args.name or f"accuracy_{Path(args.data).name}_{args.size}.json"
-    path = write_result(name, {"data": str(args.data), "model": SIZES[args.size], "steps": args.steps,
+    path = write_result(name, {"data": str(args.data), "model": SIZES[args.size], "steps": args.steps, "batch_size": args.batch_size,
+                               "images_seen": args.steps * args.batch_size,
                                "train_seconds": blob["train"]["train_seconds"], "eval_seconds": time.time() - t1,
                                "total_seconds": time.time() - t0, "config": blob["config"], "metrics": metrics},
                         args.results)

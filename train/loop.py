@@ -86,6 +86,16 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Effici
 
 
 # ----------------------------------------------------------------------------- helpers
+def source_shape(path: Path) -> list[int]:
+    """[height, width, channels] of a training image as stored (channels 1 = grayscale)."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    ch = 1 if img.ndim == 2 else img.shape[2]
+    if ch >= 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]):
+        ch = 1
+    return [int(img.shape[0]), int(img.shape[1]), 1 if ch == 1 else 3]
+
 def _batches(frames: np.ndarray, batch: int):
     for i in range(0, len(frames), batch):
         yield frames[i:i + batch]
@@ -174,6 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     ds = open_dataset(cfg.data, require_test=False)
     fit_paths, val_paths = split_train_validation(ds, cfg.seed)
     fit_frames = load_frames(fit_paths, cfg.image_size, "train images")
+    src_shape = source_shape(fit_paths[0])
     val_frames = load_frames(val_paths, cfg.image_size, "validation images")
     log.info("%d training, %d validation images at %dx%d", len(fit_frames), len(val_frames), cfg.image_size, cfg.image_size)
 
@@ -231,6 +242,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     ckpt = out / "checkpoint.pt"
     save_checkpoint(ckpt, model, {
         **parts,
+        "source_shape": src_shape,
         "train": {**dataclasses.asdict(cfg), "train_seconds": train_seconds, "n_fit": len(fit_frames),
                   "n_validation": len(val_frames), "final_loss": history[-1] if history else None,
                   "torch": str(torch.__version__)},

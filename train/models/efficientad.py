@@ -260,14 +260,25 @@ class EfficientAD(nn.Module):
     def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized teacher features [N,C,h,w] (channel-wise z-score over training images)."""
         with torch.no_grad():
-            return (self.teacher(x) - self.teacher_mean) / self.teacher_std
+            return (self.teacher(x).float() - self.teacher_mean) / self.teacher_std
+
+    def student_dtype(self) -> torch.dtype:
+        return next(self.student.parameters()).dtype
+
+    def half_networks(self) -> "EfficientAD":
+        """fp16 teacher/student/autoencoder; pre/post-processing and statistics stay fp32."""
+        self.teacher.half()
+        self.student.half()
+        self.autoencoder.half()
+        return self
 
     def raw_maps(self, x: torch.Tensor):
         """x: preprocessed [N,3,H,W] -> (map_st [N,1,h,w], map_ae [N,1,h,w], pooled [N,C])."""
         c = self.channels
-        t = self.teacher_features(x)
-        s = self.student(x)
-        a = self.autoencoder(x)
+        x = x.to(self.student_dtype())  # networks may run in fp16; statistics stay fp32
+        t = self.teacher_features(x).float()
+        s = self.student(x).float()
+        a = self.autoencoder(x).float()
         map_st = torch.mean((t - s[:, :c]) ** 2, dim=1, keepdim=True)
         map_ae = torch.mean((a - s[:, c:]) ** 2, dim=1, keepdim=True)
         pooled = torch.mean(s[:, :c], dim=(2, 3))

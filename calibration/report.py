@@ -1,0 +1,74 @@
+"""Calibration report: how the deployed model scores good (and defect) images right now."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runtime.artifact import atomic_write_text
+from runtime.model import Model
+
+from .field import iter_images
+from .metrics import auroc
+
+log = logging.getLogger(__name__)
+
+
+def _scores(model: Model, source: str, max_images: int | None) -> np.ndarray:
+    out, buf = [], []
+    for f in iter_images(source, max_images):
+        buf.append(f)
+        if len(buf) == 8:
+            out.append(model.predict(buf).image_score)
+            buf = []
+    if buf:
+        out.append(model.predict(buf).image_score)
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def report(model_path: str, good: str, defects: str | None = None, max_images: int | None = None,
+           plot: str | None = None, json_path: str | None = None) -> dict:
+    model = Model(model_path, warmup=0)
+    sc = model.sidecar
+    g = _scores(model, good, max_images)
+    d = _scores(model, defects, max_images) if defects else None
+    thr = sc.thresholds.image
+    rep = {
+        "model": str(model_path), "provider": model.provider, "n_good": int(len(g)),
+        "threshold": thr, "threshold_method": sc.thresholds.method,
+        "expected_fpr": sc.thresholds.expected_fpr, "observed_fpr": float((g >= thr).mean()) if len(g) else None,
+        "good_score": {"mean": float(g.mean()), "std": float(g.std()), "max": float(g.max())} if len(g) else None,
+        "gaussian": dataclasses.asdict(sc.gaussian), "normalization": dataclasses.asdict(sc.normalization),
+        "calibration": sc.provenance.get("calibration"),
+    }
+    if d is not None and len(d):
+        rep.update({"n_defects": int(len(d)), "observed_recall": float((d >= thr).mean()),
+                    "image_auroc": auroc(np.r_[np.zeros(len(g)), np.ones(len(d))], np.r_[g, d]) if len(g) else None})
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        bins = np.linspace(min(g.min(), d.min() if d is not None and len(d) else g.min()),
+                           max(g.max(), d.max() if d is not None and len(d) else g.max()), 40)
+        ax.hist(g, bins=bins, alpha=0.6, label=f"good ({len(g)})", color="tab:green")
+        if d is not None and len(d):
+            ax.hist(d, bins=bins, alpha=0.6, label=f"defect ({len(d)})", color="tab:red")
+        ax.axvline(thr, color="k", ls="--", label=f"threshold {thr:.3g}")
+        ax.set_xlabel("image score")
+        ax.set_ylabel("images")
+        ax.legend()
+        fig.tight_layout()
+        tmp = Path(plot).with_name(Path(plot).stem + ".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(plot)
+        rep["plot"] = str(plot)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(rep, indent=2) + "\n")
+    return rep

@@ -1,0 +1,1 @@
+"""Inference engines behind ``runtime.model.Model``; each imports its engine lazily."""

@@ -1,0 +1,79 @@
+"""Optional torch backend for workstation GPUs without TensorRT.
+
+Loads a ``torch.export`` program (.pt2, written by ``python -m export torch``); needs
+torch but no edgead training code. On CUDA it runs the networks in fp16 (channels-last)
+and can capture a CUDA graph for a fixed batch. torch is imported only here, and only
+when this backend is chosen.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..artifact import Sidecar
+from .base import Backend, BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model_path: str, sidecar: Sidecar, device: str = "auto", cuda_graph: bool = True,
+                 compile: bool = False):
+        super().__init__(model_path, sidecar)
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendUnavailable("the torch backend needs PyTorch; `pip install torch` or use onnxruntime") from e
+        self.torch = torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("--device cuda asked for the torch backend, but no CUDA GPU is visible")
+        self.device = torch.device(device)
+        prog = torch.export.load(model_path)
+        self.module = prog.module().to(self.device)
+        if compile:
+            self.module = torch.compile(self.module, mode="max-autotune-no-cudagraphs")
+        self.output_names = list(sidecar.outputs)
+        self.use_graph = cuda_graph and self.device.type == "cuda"
+        self._graphs: dict[tuple, tuple] = {}
+
+    @property
+    def provider(self) -> str:
+        return f"torch:{self.device}{'+cudagraph' if self.use_graph else ''}"
+
+    def _run(self, x):
+        with self.torch.inference_mode():
+            return self.module(x)
+
+    def infer(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device, non_blocking=True)
+        outs = self.infer_tensor(x)
+        return {k: v.float().cpu().numpy() for k, v in zip(self.output_names, outs)}
+
+    def infer_tensor(self, x):
+        """Frames already on the device (uint8 [N,H,W,3]) -> tuple of output tensors on the device."""
+        if not self.use_graph:
+            return self._run(x)
+        key = tuple(x.shape)
+        if key not in self._graphs:
+            torch = self.torch
+            static_in = x.clone()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    self._run(static_in)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g), torch.inference_mode():
+                static_out = self.module(static_in)
+            self._graphs[key] = (g, static_in, static_out)
+        g, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        g.replay()
+        return static_out

@@ -1,0 +1,141 @@
+"""``Model``: open any deployable artifact, score frames. The one code path to make fast.
+
+    model = Model("model.onnx")             # backend from suffix + what is installed
+    result = model.predict([frame_bgr])     # frames of any size, BGR uint8 (OpenCV)
+    result.image_score, result.is_ng, result.anomaly_map
+
+The backend is chosen from the file suffix (.onnx, .engine/.plan, .pt2) and, for ONNX,
+from the execution providers installed. An explicit choice never falls back silently.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import ArtifactError, Sidecar, read_sidecar
+from .backends.base import Backend, BackendUnavailable
+from .preprocess import batch_frames
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+
+
+@dataclass
+class Prediction:
+    """Scores of a batch. Arrays are float32; maps at the graph's input size."""
+
+    image_score: np.ndarray  # [N]
+    picturable_score: np.ndarray  # [N]
+    unpicturable_score: np.ndarray  # [N]
+    anomaly_map: np.ndarray  # [N,H,W]
+    features: np.ndarray | None  # [N,D]
+    is_ng: np.ndarray  # [N] bool
+    raw: dict[str, np.ndarray]
+
+
+def _backend_for(path: Path, backend: str, device: str, sidecar: Sidecar) -> Backend:
+    suffix = path.suffix.lower()
+    if backend == "auto":
+        backend = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "torch"}.get(suffix)
+        if backend is None:
+            raise ArtifactError(f"{path}: unknown model type {suffix!r}; expected .onnx, .engine or .pt2")
+    if backend == "onnxruntime":
+        from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(str(path), sidecar, device=device)
+    if backend == "tensorrt":
+        if suffix == ".onnx":
+            from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+            return OnnxRuntimeBackend(str(path), sidecar, device="tensorrt")
+        from .backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(str(path), sidecar)
+    if backend == "torch":
+        from .backends.torch_backend import TorchBackend
+
+        return TorchBackend(str(path), sidecar, device=device)
+    raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+class Model:
+    def __init__(self, path: str | Path, backend: str = "auto", device: str = "auto", warmup: int = 2,
+                 verify_hash: bool = True):
+        self.path = Path(path)
+        self.sidecar = read_sidecar(self.path, verify_hash=verify_hash)
+        self.backend = _backend_for(self.path, backend, device, self.sidecar)
+        spec = self.sidecar.input
+        self.height, self.width = spec.height, spec.width
+        self.fixed_batch = spec.batch if isinstance(spec.batch, int) else None
+        self.threshold = float(self.sidecar.thresholds.image)
+        log.info("model %s on %s (input %dx%d %s, batch %s)", self.path.name, self.backend.provider,
+                 self.height, self.width, spec.color_order, spec.batch)
+        for _ in range(warmup):
+            self.infer(np.zeros((self.fixed_batch or 1, self.height, self.width, 3), np.uint8))
+
+    @property
+    def provider(self) -> str:
+        return self.backend.provider
+
+    def prepare(self, frames: list[np.ndarray]) -> np.ndarray:
+        """BGR frames of any size -> uint8 NHWC batch at the graph's input size."""
+        spec = self.sidecar.input
+        batch = batch_frames(frames, self.height, self.width, spec.resize)
+        if spec.color_order == "RGB":
+            batch = np.ascontiguousarray(batch[..., ::-1])
+        return batch
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Prepared uint8 NHWC batch -> raw outputs. Splits/pads to a fixed engine batch size."""
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"batch must be uint8 [N,{self.height},{self.width},3], got {batch.dtype} {batch.shape}")
+        b = self.fixed_batch
+        if b is None or len(batch) == b:
+            return self.backend.infer(batch)
+        parts = []
+        for i in range(0, len(batch), b):
+            chunk = batch[i:i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)])
+            out = self.backend.infer(chunk)
+            parts.append({k: v[:n] for k, v in out.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def predict(self, frames: list[np.ndarray] | np.ndarray) -> Prediction:
+        """Frames (list of BGR uint8 images of any size, or one image) -> Prediction."""
+        if isinstance(frames, np.ndarray) and frames.ndim in (2, 3):
+            frames = [frames]
+        out = self.infer(self.prepare(list(frames)))
+        return self.to_prediction(out)
+
+    def to_prediction(self, out: dict[str, np.ndarray]) -> Prediction:
+        score = out["image_score"].astype(np.float32).reshape(-1)
+        return Prediction(
+            image_score=score,
+            picturable_score=out["picturable_score"].reshape(-1),
+            unpicturable_score=out["unpicturable_score"].reshape(-1),
+            anomaly_map=out["anomaly_map"][:, 0],
+            features=out.get("features"),
+            is_ng=score >= self.threshold,
+            raw=out,
+        )
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def time_call(fn, *args, repeat: int = 1) -> float:
+    """Seconds per call of fn(*args) (helper for the bench)."""
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn(*args)
+    return (time.perf_counter() - t0) / repeat
+
+
+__all__ = ["Model", "Prediction", "BackendUnavailable", "BACKENDS"]

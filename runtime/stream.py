@@ -1,0 +1,306 @@
+"""Real-time scoring of a camera (or video, RTSP, GStreamer, folder, demo) stream.
+
+    python -m runtime.stream --camera 0 --model model.onnx
+    python -m runtime.stream --demo --model model.onnx --headless --jsonl out.jsonl
+
+A capture thread feeds a bounded buffer. For live sources the policy is "latest":
+when inference is slower than the camera, the oldest waiting frame is dropped (and
+counted) so latency stays bounded. Files use "block": every frame is scored.
+One JSON line per scored frame; a summary (fps, latency percentiles, drops, NG count,
+stream overhead) at the end, also on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO
+
+import cv2
+import numpy as np
+
+from .artifact import ArtifactError, atomic_write_text
+from .sources import Source, SourceError, open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    frames_scored: int = 0
+    frames_captured: int = 0
+    frames_dropped: int = 0
+    ng_count: int = 0
+    wall_seconds: float = 0.0
+    fps: float = 0.0
+    latency_ms_p50: float = 0.0
+    latency_ms_p90: float = 0.0
+    latency_ms_p99: float = 0.0
+    model_ms_mean: float = 0.0
+    overhead_fraction: float = 0.0  # share of the scoring loop's busy time not spent in the model call
+    idle_fraction: float = 0.0  # share of wall time spent waiting for frames (camera slower than model)
+    provider: str = ""
+    stopped_by: str = "end of stream"
+    error: str | None = None
+    ng_saved: list[str] = field(default_factory=list)
+
+
+def overlay(frame: np.ndarray, anomaly_map: np.ndarray, score: float, is_ng: bool, pixel_thr: float = 0.1) -> np.ndarray:
+    """Heat-map overlay (red = anomalous) with score and OK/NG, at the frame's own size."""
+    h, w = frame.shape[:2]
+    m = cv2.resize(anomaly_map.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(np.clip(m / (2 * pixel_thr) * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    out = cv2.addWeighted(frame, 0.6, heat, 0.4, 0)
+    colour = (0, 0, 255) if is_ng else (0, 200, 0)
+    scale = max(0.5, w / 800)
+    cv2.putText(out, f"{'NG' if is_ng else 'OK'}  {score:.2f}", (10, int(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
+                scale, colour, max(1, int(2 * scale)), cv2.LINE_AA)
+    return out
+
+
+class _Buffer:
+    """Bounded frame buffer: "latest" drops the oldest when full, "block" makes the producer wait."""
+
+    def __init__(self, capacity: int, policy: str):
+        self.items: collections.deque = collections.deque()
+        self.capacity = capacity
+        self.policy = policy
+        self.cond = threading.Condition()
+        self.closed = False
+        self.dropped = 0
+        self.captured = 0
+
+    def put(self, item) -> bool:
+        with self.cond:
+            while self.policy == "block" and len(self.items) >= self.capacity and not self.closed:
+                self.cond.wait(0.1)
+            if self.closed:
+                return False
+            if len(self.items) >= self.capacity:
+                self.items.popleft()
+                self.dropped += 1
+            self.items.append(item)
+            self.captured += 1
+            self.cond.notify_all()
+            return True
+
+    def take(self, n: int, timeout: float = 0.5) -> list | None:
+        """Up to n items; [] on timeout; None once closed and empty."""
+        with self.cond:
+            if not self.items:
+                if self.closed:
+                    return None
+                self.cond.wait(timeout)
+                if not self.items:
+                    return None if self.closed else []
+            k = min(n, len(self.items))
+            out = [self.items.popleft() for _ in range(k)]
+            self.cond.notify_all()
+            return out
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class Stream:
+    """Capture thread + scoring loop around a ``runtime.model.Model`` (or anything with its API)."""
+
+    def __init__(self, model, source: Source, batch: int = 1, policy: str | None = None, sink: IO[str] | None = None,
+                 save_ng: str | Path | None = None, show: bool = False, max_frames: int | None = None,
+                 report_every: float = 5.0):
+        self.model, self.source = model, source
+        self.batch = max(1, batch)
+        self.policy = policy or ("latest" if source.live else "block")
+        if self.policy not in ("latest", "block"):
+            raise ValueError(f"policy {self.policy!r}: choose latest or block")
+        self.buffer = _Buffer(capacity=self.batch if self.policy == "latest" else 4 * self.batch, policy=self.policy)
+        self.sink = sink
+        self.save_ng = Path(save_ng) if save_ng else None
+        if self.save_ng:
+            self.save_ng.mkdir(parents=True, exist_ok=True)
+        self.show = show
+        self.max_frames = max_frames
+        self.report_every = report_every
+        self._stop = threading.Event()
+        self._capture_error: BaseException | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.buffer.close()
+
+    def _capture(self) -> None:
+        fid = 0
+        try:
+            for frame in self.source.frames():
+                if self._stop.is_set():
+                    break
+                if not self.buffer.put((fid, time.time(), time.perf_counter(), frame)):
+                    break
+                fid += 1
+                if self.max_frames is not None and fid >= self.max_frames:
+                    break
+        except BaseException as e:  # reported by the scoring loop, which owns the summary
+            self._capture_error = e
+        finally:
+            self.buffer.close()
+
+    def run(self) -> Summary:
+        summary = Summary(provider=getattr(self.model, "provider", ""))
+        lat, model_t = [], []
+        busy = 0.0
+        thread = threading.Thread(target=self._capture, name="capture", daemon=True)
+        t_start = time.perf_counter()
+        thread.start()
+        last_report = t_start
+        try:
+            while not self._stop.is_set():
+                items = self.buffer.take(self.batch)
+                if items is None:
+                    break
+                if not items:
+                    continue
+                t_busy = time.perf_counter()
+                frames = [it[3] for it in items]
+                prepared = self.model.prepare(frames)
+                t0 = time.perf_counter()
+                out = self.model.infer(prepared)
+                t1 = time.perf_counter()
+                pred = self.model.to_prediction(out)
+                per_frame_model = (t1 - t0) / len(items)
+                for i, (fid, ts, t_cap, frame) in enumerate(items):
+                    score, ng = float(pred.image_score[i]), bool(pred.is_ng[i])
+                    done = time.perf_counter()
+                    lat.append((done - t_cap) * 1e3)
+                    model_t.append(per_frame_model * 1e3)
+                    summary.ng_count += ng
+                    rec = {"timestamp": round(ts, 6), "frame_id": fid, "score": round(score, 6),
+                           "picturable_score": round(float(pred.picturable_score[i]), 6),
+                           "unpicturable_score": round(float(pred.unpicturable_score[i]), 6),
+                           "decision": "NG" if ng else "OK", "latency_ms": round(lat[-1], 3),
+                           "model_ms": round(per_frame_model * 1e3, 3)}
+                    if ng and self.save_ng is not None:
+                        path = self.save_ng / f"ng_{fid:06d}.jpg"
+                        cv2.imwrite(str(path), overlay(frame, pred.anomaly_map[i], score, ng))
+                        rec["saved"] = str(path)
+                        summary.ng_saved.append(str(path))
+                    if self.sink is not None:
+                        self.sink.write(json.dumps(rec) + "\n")
+                    if self.show:
+                        cv2.imshow("edgead", overlay(frame, pred.anomaly_map[i], score, ng))
+                        if cv2.waitKey(1) & 0xFF in (27, ord("q")):
+                            summary.stopped_by = "user (q)"
+                            self.stop()
+                summary.frames_scored += len(items)
+                now = time.perf_counter()
+                busy += now - t_busy
+                if now - last_report >= self.report_every:
+                    last_report = now
+                    recent = lat[-200:]
+                    log.info("%.1f fps | latency p50 %.1f ms p99 %.1f ms | dropped %d | NG %d",
+                             summary.frames_scored / (now - t_start), np.percentile(recent, 50),
+                             np.percentile(recent, 99), self.buffer.dropped, summary.ng_count)
+        except KeyboardInterrupt:
+            summary.stopped_by = "Ctrl-C"
+        except Exception as e:  # keep what was scored; report the cause in one line
+            summary.stopped_by = "error"
+            summary.error = f"{type(e).__name__}: {e}"
+            log.error("stream stopped: %s", summary.error)
+        finally:
+            self.stop()
+            thread.join(timeout=5)
+            self.source.close()
+            if self.sink is not None:
+                self.sink.flush()
+            if self.show:
+                cv2.destroyAllWindows()
+        if self._capture_error is not None and summary.error is None:
+            summary.stopped_by = "error"
+            summary.error = f"{type(self._capture_error).__name__}: {self._capture_error}"
+        wall = time.perf_counter() - t_start
+        summary.wall_seconds = round(wall, 3)
+        summary.frames_captured = self.buffer.captured
+        summary.frames_dropped = self.buffer.dropped
+        if summary.frames_scored:
+            summary.fps = round(summary.frames_scored / wall, 2)
+            p = np.percentile(lat, [50, 90, 99])
+            summary.latency_ms_p50, summary.latency_ms_p90, summary.latency_ms_p99 = (round(float(v), 3) for v in p)
+            summary.model_ms_mean = round(float(np.mean(model_t)), 3)
+            summary.overhead_fraction = round(max(0.0, 1 - sum(model_t) / 1e3 / busy), 4)
+            summary.idle_fraction = round(max(0.0, 1 - busy / wall), 4)
+        return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.stream", description="Score a live stream frame by frame: "
+                                "image score, anomaly map, OK/NG.")
+    src = p.add_argument_group("source (choose one)")
+    src.add_argument("--camera", type=int, help="camera index (0 = first camera)")
+    src.add_argument("--video", help="video file")
+    src.add_argument("--rtsp", help="RTSP URL (reconnects with back-off)")
+    src.add_argument("--gstreamer", help="GStreamer pipeline ending in appsink (Jetson CSI cameras)")
+    src.add_argument("--images", help="folder of images")
+    src.add_argument("--demo", action="store_true", help="synthetic conveyor of parts (no camera needed)")
+    p.add_argument("--model", required=True, help="model.onnx / model.engine / model.pt2 (sidecar next to it)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt (onnxruntime provider)")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch size")
+    p.add_argument("--policy", choices=["latest", "block"], help="latest: drop stale frames (live default); block: score all")
+    p.add_argument("--max-frames", type=int, help="stop after this many captured frames")
+    p.add_argument("--demo-frames", type=int, default=200, help="length of the --demo stream (0 = endless)")
+    p.add_argument("--headless", action="store_true", help="no window (always true without a display)")
+    p.add_argument("--jsonl", help="write per-frame JSON lines here instead of stdout ('-' = stdout)")
+    p.add_argument("--save-ng", help="folder to save NG frames with their heat-map overlay")
+    p.add_argument("--summary", help="write the end-of-run summary JSON here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-frame JSON on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    from .model import Model
+
+    try:
+        source = open_source(args.camera, args.video, args.rtsp, args.gstreamer, args.images, args.demo,
+                             demo_frames=args.demo_frames or None)
+        model = Model(args.model, backend=args.backend, device=args.device)
+    except (SourceError, ArtifactError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sink_file = None
+    if args.jsonl and args.jsonl != "-":
+        sink_file = open(args.jsonl, "w", encoding="utf-8")
+        sink = sink_file
+    else:
+        sink = None if args.quiet else sys.stdout
+    show = not args.headless
+    if show:
+        import os
+
+        if not os.environ.get("DISPLAY") and sys.platform.startswith("linux"):
+            log.info("no DISPLAY: running headless")
+            show = False
+    stream = Stream(model, source, batch=args.batch, policy=args.policy, sink=sink, save_ng=args.save_ng,
+                    show=show, max_frames=args.max_frames)
+    signal.signal(signal.SIGTERM, lambda *_: stream.stop())
+    summary = stream.run()
+    if sink_file:
+        sink_file.close()
+    text = json.dumps(asdict(summary), indent=2)
+    log.info("summary:\n%s", text)
+    if args.summary:
+        atomic_write_text(args.summary, text + "\n")
+    return 1 if summary.error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "edgead-checkpoint/1"
 PAPER_STEPS = 70_000
+LOG_EVERY = 25
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     pretrained: bool = True
     amp: bool = False  # bf16 autocast on CUDA
     model_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"teacher": "lite0"} for s/m
+    stop_at: int | None = None  # stop resumably after this step (split a long run; resume with --resume)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -212,7 +214,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model.train()
     log_path = out / "train_log.jsonl"
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", dynamic_ncols=True)
-    history = []
+    history, window = [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda"))
     while step < cfg.steps:
         idx = torch.randint(len(frames_dev), (cfg.batch_size,), generator=gen)
@@ -225,13 +227,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         opt.step()
         sched.step()
         step += 1
-        if step % 50 == 0 or step == cfg.steps:
-            vals = {k: float(v.detach()) for k, v in losses.items()}
-            history.append({"step": step, "loss": float(loss.detach()), **vals})
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", hard=f"{vals['hard']:.4f}", ae=f"{vals['ae']:.4f}")
+        window.append({"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}})
+        if step % LOG_EVERY == 0 or step == cfg.steps:  # window means: single-step losses are noisy
+            vals = {k: float(torch.stack([w[k] for w in window]).mean()) for k in window[0]}
+            window.clear()
+            history.append({"step": step, **vals})
+            bar.set_postfix(loss=f"{vals['loss']:.4f}", hard=f"{vals['hard']:.4f}", ae=f"{vals['ae']:.4f}")
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             _save_resume(last, model, opt, sched, gen, step)
+        if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
+            _save_resume(last, model, opt, sched, gen, step)
+            bar.close()
+            log.info("stopped at step %d; continue with --resume", step)
+            return last
     bar.close()
     train_seconds = time.time() - t0
     model.eval()

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from runtime.artifact import (ArtifactError, InputSpec, Sidecar, atomic_write_bytes, read_sidecar, sidecar_path,
+                              write_sidecar)
+
+
+def _model(tmp_path, data=b"graph-bytes"):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(data)
+    return p
+
+
+def test_roundtrip_and_hash(tmp_path):
+    m = _model(tmp_path)
+    sc = Sidecar(model_file="", model_sha256="", input=InputSpec(height=64, width=48, color_order="RGB"))
+    sc.thresholds.image = 1.25
+    write_sidecar(m, sc)
+    back = read_sidecar(m)
+    assert back.input.height == 64 and back.input.width == 48 and back.input.color_order == "RGB"
+    assert back.thresholds.image == 1.25
+    assert back.model_file == "m.onnx" and len(back.model_sha256) == 64
+
+
+def test_hash_mismatch_is_refused(tmp_path):
+    m = _model(tmp_path)
+    write_sidecar(m, Sidecar(model_file="", model_sha256="", input=InputSpec(8, 8)))
+    m.write_bytes(b"another graph")
+    with pytest.raises(ArtifactError, match="does not match its sidecar"):
+        read_sidecar(m)
+
+
+def test_missing_and_malformed_sidecar(tmp_path):
+    m = _model(tmp_path)
+    with pytest.raises(ArtifactError, match="sidecar missing"):
+        read_sidecar(m)
+    sidecar_path(m).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_sidecar(m)
+    sidecar_path(m).write_text(json.dumps({"format": 99}))
+    with pytest.raises(ArtifactError, match="format 99"):
+        read_sidecar(m)
+    sidecar_path(m).write_text(json.dumps({"format": 1, "bogus": 1}))
+    with pytest.raises(ArtifactError, match="malformed"):
+        read_sidecar(m)
+    with pytest.raises(ArtifactError, match="model file not found"):
+        read_sidecar(tmp_path / "nope.onnx")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "f.bin"
+    atomic_write_bytes(p, b"old")
+
+    class Boom:
+        def __len__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(TypeError):
+        atomic_write_bytes(p, Boom())  # write fails mid-way
+    assert p.read_bytes() == b"old"
+    assert [x.name for x in tmp_path.iterdir()] == ["f.bin"]  # no temp file left behind

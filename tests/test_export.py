@@ -1,0 +1,130 @@
+"""ONNX export: parity with PyTorch, fp16, dynamic batch, named constants, Q/DQ INT8, clear errors."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from calibration.metrics import auroc
+from export.onnx_export import ExportError, calibration_constants, export_onnx
+from runtime.artifact import CALIBRATION_INITIALIZERS, ArtifactError, read_sidecar
+from runtime.dataset import open_dataset
+from runtime.model import Model
+from train.data import load_frames
+from train.loop import load_checkpoint, run_outputs
+
+from .conftest import IMAGE_SIZE
+
+
+@pytest.fixture(scope="module")
+def test_frames(synthetic_root):
+    ds = open_dataset(synthetic_root)
+    return load_frames([s.path for s in ds.test], IMAGE_SIZE), np.array([s.label for s in ds.test])
+
+
+KEYS = ("anomaly_map", "picturable_score", "unpicturable_score", "image_score", "features")
+
+
+def _torch_out(ckpt, frames):
+    model, _ = load_checkpoint(ckpt)
+    return run_outputs(model, frames, "cpu", keys=KEYS)
+
+
+def _onnx_out(path, frames):
+    m = Model(path, warmup=0)
+    return m.infer(frames)
+
+
+def test_fp32_parity_and_auroc(trained, onnx_model, test_frames):
+    frames, labels = test_frames
+    ref = _torch_out(trained, frames)
+    out = _onnx_out(onnx_model, frames)
+    for k in KEYS:
+        assert np.abs(out[k] - ref[k]).max() <= 1e-4 * max(1.0, np.abs(ref[k]).max()), k
+    assert round(auroc(labels, out["image_score"]), 3) == round(auroc(labels, ref["image_score"]), 3)
+
+
+def test_graph_carries_named_constants_and_sidecar(onnx_model, trained):
+    g = onnx.load(str(onnx_model))
+    consts = calibration_constants(g)
+    assert set(consts) == set(CALIBRATION_INITIALIZERS)
+    model, blob = load_checkpoint(trained)
+    assert consts["st_scale"] == pytest.approx(float(model.st_scale))
+    np.testing.assert_allclose(consts["gaussian_mean"], model.gaussian_mean.numpy(), rtol=1e-6)
+    assert g.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    sc = read_sidecar(onnx_model)
+    assert sc.input.layout == "NHWC" and sc.input.color_order == "BGR" and sc.input.height == IMAGE_SIZE
+    assert sc.normalization.q_st_b == pytest.approx(blob["normalization"]["q_st_b"])
+    assert sc.thresholds.image == pytest.approx(blob["thresholds"]["image"])
+    assert sc.gaussian.dim == model.channels
+
+
+def test_fp16_and_dynamic_batch(tmp_path, trained, test_frames):
+    frames, labels = test_frames
+    ref = _torch_out(trained, frames)
+    p = export_onnx(trained, tmp_path / "m16.onnx", fp16=True, batch="dynamic")
+    m = Model(p, warmup=0)
+    assert m.fixed_batch is None
+    out = m.infer(frames)  # whole test set as one dynamic batch
+    assert out["anomaly_map"].shape[0] == len(frames)
+    assert np.abs(out["anomaly_map"] - ref["anomaly_map"]).max() <= 1e-2
+    assert np.abs(out["picturable_score"] - ref["picturable_score"]).max() <= 1e-2
+    # Mahalanobis amplifies fp16 feature noise through the whitener: compare relative to the score scale
+    rel = np.abs(out["image_score"] - ref["image_score"]).max() / np.abs(ref["image_score"]).max()
+    assert rel <= 1e-2
+    assert abs(auroc(labels, out["image_score"]) - auroc(labels, ref["image_score"])) <= 0.01
+
+
+def test_fixed_batch_model_splits_and_pads(onnx_model, test_frames):
+    frames, _ = test_frames
+    m = Model(onnx_model, warmup=0)
+    assert m.fixed_batch == 1
+    out = m.infer(frames[:3])
+    assert out["image_score"].shape == (3,)
+
+
+def test_int8_qdq_runs_in_onnxruntime(tmp_path, trained, synthetic_root, test_frames):
+    from calibration.field import calibrate
+    from export.quantize import quantize_qdq
+
+    frames, labels = test_frames
+    fp32 = export_onnx(trained, tmp_path / "f.onnx")
+    q = quantize_qdq(fp32, tmp_path / "q.onnx", synthetic_root / "train" / "good")
+    g = onnx.load(str(q))
+    assert sum(n.op_type == "QuantizeLinear" for n in g.graph.node) >= 5
+    calibrate(q, str(synthetic_root / "train" / "good"))  # constants refit on the quantized graph
+    calibrate(fp32, str(synthetic_root / "train" / "good"))  # same procedure on fp32, for a like-for-like comparison
+    a, b = Model(fp32, warmup=0).infer(frames), Model(q, warmup=0).infer(frames)
+    # stated tolerance (README): normalized maps max |diff| <= 0.1 (= q_b of good images), mean |diff| <= 0.01,
+    # image AUROC within 0.1 on this 40-image, 64 px smoke set (observed here: 0.07; INT8 accuracy on real data is
+    # a benchmark matter, see README)
+    d = np.abs(a["anomaly_map"] - b["anomaly_map"])
+    assert d.max() <= 0.1 and d.mean() <= 0.01, (d.max(), d.mean())
+    assert abs(auroc(labels, a["image_score"]) - auroc(labels, b["image_score"])) <= 0.1
+
+
+def test_clear_errors(tmp_path, trained):
+    with pytest.raises(ArtifactError, match="not found"):
+        export_onnx(tmp_path / "none.pt", tmp_path / "m.onnx")
+    bogus = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, bogus)
+    with pytest.raises(ArtifactError, match="not an edgead checkpoint"):
+        export_onnx(bogus, tmp_path / "m.onnx")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="not a readable"):
+        export_onnx(junk, tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(trained, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(ExportError, match="opset 9"):
+        export_onnx(trained, tmp_path / "m.onnx", opset=9)
+
+
+def test_uncalibrated_checkpoint_is_refused(tmp_path):
+    from train.loop import save_checkpoint
+    from train.models import create_model
+
+    m = create_model("efficientad_lite", image_size=IMAGE_SIZE, pretrained=False)
+    p = tmp_path / "raw.pt"
+    save_checkpoint(p, m, {})
+    with pytest.raises(ExportError, match="no map quantiles"):
+        export_onnx(p, tmp_path / "m.onnx")

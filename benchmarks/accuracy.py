@@ -15,6 +15,17 @@ from pathlib import Path
 from benchmarks.common import write_result
 
 
+def model_kwargs(args) -> dict:
+    kw = {} if args.size == "lite" else {"teacher": "lite0"}
+    if args.teacher:
+        kw["teacher"] = args.teacher
+    if args.teacher_indices:
+        kw["teacher_out_indices"] = tuple(args.teacher_indices)
+    if args.student_width:
+        kw["student_width"] = args.student_width
+    return kw
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
@@ -25,6 +36,9 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true")
+    p.add_argument("--teacher", default=None, help="lite0 (default), lite2, pdn_s, pdn_m")
+    p.add_argument("--teacher-indices", type=int, nargs="+", default=None, help="EfficientNet-Lite stages (default 2 3)")
+    p.add_argument("--student-width", type=int, default=None, help="real-time student width (default 128)")
     p.add_argument("--work", default="runs/accuracy", help="folder for the checkpoint")
     p.add_argument("--name", default=None, help="result file name (default accuracy_<data>_<size>.json)")
     p.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
@@ -37,7 +51,7 @@ def main() -> None:
     work = Path(args.work) / f"{Path(args.data).name}_{args.size}"
     cfg = TrainConfig(data=args.data, out=str(work), model=SIZES[args.size], steps=args.steps, device=args.device,
                       image_size=args.image_size, seed=args.seed, amp=args.amp, batch_size=args.batch_size,
-                      model_kwargs={} if args.size == "lite" else {"teacher": "lite0"})
+                      model_kwargs=model_kwargs(args))
     t0 = time.time()
     ckpt = train(cfg)
     model, blob = load_checkpoint(ckpt)

@@ -160,7 +160,7 @@ class EfficientADConfig:
 
     name: str = "efficientad_lite"
     image_size: int = 256
-    teacher: str = "lite0"  # "lite0" (frozen pretrained) or "pdn_s"/"pdn_m" (distilled PDN)
+    teacher: str = "lite0"  # "lite0"/"lite2" (frozen pretrained EfficientNet-Lite) or "pdn_s"/"pdn_m" (PDN)
     teacher_channels: int = 384  # for PDN teachers; Lite teachers report their own
     teacher_out_indices: tuple[int, ...] = (2, 3)
     student: str = "strided"  # "s", "m" (paper PDNs) or "strided" (real-time)
@@ -203,8 +203,9 @@ class EfficientAD(nn.Module):
         self.cfg = cfg
         grid = _grid(cfg)
         self.grid = grid
-        if cfg.teacher == "lite0":
-            self.teacher = LiteTeacher("efficientnet_lite0", cfg.teacher_out_indices, grid, pretrained=cfg.pretrained)
+        if cfg.teacher in ("lite0", "lite2"):
+            self.teacher = LiteTeacher(f"efficientnet_{cfg.teacher}", cfg.teacher_out_indices, grid,
+                                       pretrained=cfg.pretrained)
             c = self.teacher.channels
         elif cfg.teacher in ("pdn_s", "pdn_m"):
             if cfg.student == "strided":
@@ -214,7 +215,7 @@ class EfficientAD(nn.Module):
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         else:
-            raise ValueError(f"teacher {cfg.teacher!r}: choose lite0, pdn_s or pdn_m")
+            raise ValueError(f"teacher {cfg.teacher!r}: choose lite0, lite2, pdn_s or pdn_m")
         self.channels = c
         if cfg.student == "strided":
             self.student = StridedStudent(2 * c, cfg.student_width)

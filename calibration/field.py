@@ -130,7 +130,7 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
 def picturable_from_maps(map_st: np.ndarray, map_ae: np.ndarray, norm) -> np.ndarray:
     """Same formula as the graph: max over the combined normalized map."""
     a, b, c, d = norm.affine()
-    m = 0.5 * (map_st * a + b) + 0.5 * (map_ae * c + d)
+    m = (map_st * a + b) + (map_ae * c + d)
     return m.reshape(len(m), -1).max(1)
 
 

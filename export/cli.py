@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("checkpoint")
     t.add_argument("--out", required=True)
     t.add_argument("--batch", type=_batch, default=1)
+    t.add_argument("--fp16", action="store_true", help="fp16 networks (for GPUs)")
     r = sub.add_parser("tensorrt", help="model.onnx -> model.engine (needs TensorRT on this machine)")
     r.add_argument("onnx")
     r.add_argument("--out", required=True)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "torch":
             from .onnx_export import export_torch_program
 
-            out = export_torch_program(args.checkpoint, args.out, batch=args.batch)
+            out = export_torch_program(args.checkpoint, args.out, batch=args.batch, fp16=args.fp16)
         else:
             from .tensorrt_build import build_engine
 

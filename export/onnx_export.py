@@ -55,22 +55,39 @@ def _check_out_path(out: Path) -> None:
         raise ExportError(f"{out}: folder {parent} is not writable; choose another --out")
 
 
-def rename_calibration_initializers(model: onnx.ModelProto) -> None:
-    """Give the calibration constants their canonical names (the exporter may prefix them)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    for canon in CALIBRATION_INITIALIZERS:
-        if canon in inits:
-            continue
-        hits = [n for n in inits if n.split(".")[-1] == canon]
+def _sentinels(model: EfficientAD) -> dict[str, np.ndarray]:
+    """Set each calibration buffer to distinct random values; return the true values.
+
+    The exporter de-duplicates equal initializers and names them freely; unique sentinel
+    values let us find each constant afterwards by value, whatever the exporter did.
+    """
+    rng = np.random.default_rng(12345)
+    true = {}
+    for k, name in enumerate(CALIBRATION_INITIALIZERS):
+        buf = getattr(model, name)
+        true[name] = buf.detach().cpu().numpy().copy()
+        val = 1000.0 + 10.0 * k + rng.random(buf.shape)
+        buf.copy_(torch.as_tensor(val, dtype=buf.dtype))
+    return true
+
+
+def name_calibration_initializers(model: onnx.ModelProto, true: dict[str, np.ndarray]) -> None:
+    """Find each sentinel initializer, give it its canonical name and its true value."""
+    rng = np.random.default_rng(12345)
+    for k, canon in enumerate(CALIBRATION_INITIALIZERS):
+        sentinel = (1000.0 + 10.0 * k + rng.random(true[canon].shape)).astype(np.float32)
+        hits = [i for i in model.graph.initializer
+                if tuple(i.dims) == sentinel.shape and np.array_equal(numpy_helper.to_array(i).astype(np.float32), sentinel)]
         if len(hits) != 1:
-            raise ExportError(f"exported graph has {len(hits)} initializers named like {canon!r}; "
-                              "the exporter changed - pin torch/onnx versions or report a bug")
-        old = hits[0]
-        inits[old].name = canon
+            raise ExportError(f"exported graph has {len(hits)} initializers holding {canon!r}; "
+                              "the exporter folded or duplicated it - pin torch/onnx versions or report a bug")
+        init = hits[0]
+        old = init.name
+        init.CopyFrom(numpy_helper.from_array(true[canon].astype(numpy_helper.to_array(init).dtype), canon))
         for node in model.graph.node:
-            for k, name in enumerate(node.input):
+            for j, name in enumerate(node.input):
                 if name == old:
-                    node.input[k] = canon
+                    node.input[j] = canon
 
 
 def calibration_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -83,7 +100,8 @@ def calibration_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxslim (constant folding, shape inference, dead-node removal); kept only if it keeps our names."""
+    """onnxslim (constant folding, shape inference, dead-node removal); the sentinel check afterwards
+    refuses the result if it touched a calibration constant."""
     try:
         import onnxslim
     except ImportError:
@@ -93,10 +111,6 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         slim = onnxslim.slim(model)
     except Exception as e:  # onnxslim raises assorted errors on exotic graphs
         log.warning("onnxslim failed (%s): graph left unsimplified", e)
-        return model
-    names = {i.name for i in slim.graph.initializer}
-    if not all(n in names for n in CALIBRATION_INITIALIZERS):
-        log.warning("onnxslim folded calibration constants away: graph left unsimplified")
         return model
     return slim
 
@@ -139,12 +153,13 @@ def export_onnx(checkpoint: str | Path, out: str | Path, fp16: bool = False, bat
     dyn = {INPUT_NAME: {0: "batch"}, **{k: {0: "batch"} for k in OUTPUT_NAMES}} if batch == "dynamic" else None
     buf = io.BytesIO()
     with torch.no_grad():
+        true = _sentinels(model)
         torch.onnx.export(_Deployed(model).eval(), (dummy,), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes=dyn, opset_version=opset, do_constant_folding=True, dynamo=False)
     graph = onnx.load_from_string(buf.getvalue())
-    rename_calibration_initializers(graph)
-    if simplify:
+    if simplify:  # while the sentinels are in: onnxslim also merges equal-valued initializers
         graph = _simplify(graph)
+    name_calibration_initializers(graph, true)
     graph.doc_string = "edgead EfficientAD+PUAD: uint8 NHWC frames -> anomaly map and scores (see sidecar)"
     onnx.checker.check_model(graph)
     atomic_write_bytes(out, graph.SerializeToString())
@@ -156,13 +171,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, fp16: bool = False, bat
     return out
 
 
-def export_torch_program(checkpoint: str | Path, out: str | Path, batch: int | str = 1) -> Path:
+def export_torch_program(checkpoint: str | Path, out: str | Path, batch: int | str = 1, fp16: bool = False) -> Path:
     """``torch.export`` program (.pt2) + sidecar, for the runtime's torch backend (no edgead code needed to load)."""
     out = Path(out)
     _check_out_path(out)
     model, blob = load_checkpoint(checkpoint)
     if not bool(model.calibrated):
         raise ExportError(f"{checkpoint}: checkpoint is not calibrated; re-run `python -m train`")
+    if fp16:
+        model.half_networks()
     h = w = model.cfg.image_size
     dummy = torch.randint(0, 256, (2 if batch == "dynamic" else batch, h, w, 3), dtype=torch.uint8)
     dyn = ({"frames": {0: torch.export.Dim("batch", min=1, max=1024)}},) if batch == "dynamic" else None
@@ -171,6 +188,6 @@ def export_torch_program(checkpoint: str | Path, out: str | Path, batch: int | s
     buf = io.BytesIO()
     torch.export.save(prog, buf)
     atomic_write_bytes(out, buf.getvalue())
-    sc = sidecar_from_checkpoint(blob, model, out.name, batch, "fp32", backend_format="torch")
+    sc = sidecar_from_checkpoint(blob, model, out.name, batch, "fp16" if fp16 else "fp32", backend_format="torch")
     write_sidecar(out, sc)
     return out

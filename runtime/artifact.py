@@ -78,13 +78,19 @@ class Normalization:
     n_images: int = 0
 
     def affine(self) -> tuple[float, float, float, float]:
-        """(st_scale, st_shift, ae_scale, ae_shift) so that map * scale + shift is normalized."""
+        """(st_scale, st_shift, ae_scale, ae_shift) such that
+
+        (map_st * st_scale + st_shift) + (map_ae * ae_scale + ae_shift)
+
+        is EfficientAD's combined map: each map sent to 0 at q_a and 0.1 at q_b, then averaged
+        (the averaging 0.5 is folded into the constants).
+        """
         return (*_affine(self.q_st_a, self.q_st_b), *_affine(self.q_ae_a, self.q_ae_b))
 
 
 def _affine(qa: float, qb: float) -> tuple[float, float]:
     span = max(qb - qa, 1e-12)
-    return 0.1 / span, -0.1 * qa / span
+    return 0.05 / span, -0.05 * qa / span
 
 
 @dataclass

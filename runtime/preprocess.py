@@ -41,6 +41,12 @@ def fit_frame(frame: np.ndarray, height: int, width: int, resize: str = "area") 
         # INTER_AREA is only a good anti-aliasing filter when shrinking
         if resize == "area" and (frame.shape[0] < height or frame.shape[1] < width):
             interp = cv2.INTER_LINEAR
+        if resize == "area":
+            # OpenCV's area filter is ~40x faster for whole-number factors: shrink by the largest
+            # whole factor first (exact box average), then by the remaining fraction
+            k = min(frame.shape[0] // height, frame.shape[1] // width)
+            if k >= 2:
+                frame = cv2.resize(frame, (frame.shape[1] // k, frame.shape[0] // k), interpolation=cv2.INTER_AREA)
         frame = cv2.resize(frame, (width, height), interpolation=interp)
     return np.ascontiguousarray(frame)
 

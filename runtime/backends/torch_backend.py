@@ -35,6 +35,8 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         prog = torch.export.load(model_path)
         self.module = prog.module().to(self.device)
+        if self.device.type == "cuda":  # NHWC convolutions use the tensor cores best
+            self.module = self.module.to(memory_format=torch.channels_last)
         if compile:
             self.module = torch.compile(self.module, mode="max-autotune-no-cudagraphs")
         self.output_names = list(sidecar.outputs)

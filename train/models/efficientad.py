@@ -290,7 +290,7 @@ class EfficientAD(nn.Module):
         """frames: uint8 [N,H,W,3] (cfg.color_order, cfg.image_size) -> every deployed output."""
         x = self.preprocess(frames)
         map_st, map_ae, pooled = self.raw_maps(x)
-        norm = 0.5 * (map_st * self.st_scale + self.st_shift) + 0.5 * (map_ae * self.ae_scale + self.ae_shift)
+        norm = (map_st * self.st_scale + self.st_shift) + (map_ae * self.ae_scale + self.ae_shift)
         picturable = torch.amax(norm, dim=(1, 2, 3))
         if self.map_pad:
             pad = round(self.map_pad * self.cfg.image_size / 256)

@@ -10,7 +10,6 @@ eager outputs: fp32 eager NCHW -> fp16 networks -> + channels-last -> + CUDA gra
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
@@ -72,11 +71,34 @@ def max_err(out, ref) -> float:
     return max(errs)
 
 
+def eager_steps(args, frames, refs, add) -> None:
+    """fp32 -> tf32 -> fp16 -> channels-last -> CUDA graph, eager."""
+    dev = torch.device("cuda")
+    fp32 = build(args.variant).to(dev).eval()
+    with torch.inference_mode():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        for b, x in frames.items():
+            add("tf32 eager NCHW", b, timed(fp32, x), max_err(fp32(x), refs[b]))
+        half = build(args.variant).to(dev).eval().half_networks()
+        for b, x in frames.items():
+            add("fp16 networks eager", b, timed(half, x), max_err(half(x), refs[b]))
+        half_cl = half.to(memory_format=torch.channels_last)
+        for b, x in frames.items():
+            add("fp16 + channels-last eager", b, timed(half_cl, x), max_err(half_cl(x), refs[b]))
+        for b, x in frames.items():
+            g = graphed(half_cl, x)
+            add("fp16 + channels-last + CUDA graph", b, timed(g, x), max_err(g(x), refs[b]))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="s", choices=["s", "m", "lite", "lite0"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--backend-only", action="store_true", help="only the shipped edgead torch-backend rows")
     p.add_argument("--results", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -100,23 +122,14 @@ def main() -> None:
     with torch.inference_mode():
         for b, x in frames.items():
             refs[b] = {k: v.clone() for k, v in fp32(x).items()}
-            add("fp32 eager NCHW", b, timed(fp32, x), 0.0)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        for b, x in frames.items():
-            add("tf32 eager NCHW", b, timed(fp32, x), max_err(fp32(x), refs[b]))
-        half = build(args.variant).to(dev).eval().half_networks()
-        for b, x in frames.items():
-            add("fp16 networks eager", b, timed(half, x), max_err(half(x), refs[b]))
-        half_cl = half.to(memory_format=torch.channels_last)
-        for b, x in frames.items():
-            add("fp16 + channels-last eager", b, timed(half_cl, x), max_err(half_cl(x), refs[b]))
-        for b, x in frames.items():
-            g = graphed(half_cl, x)
-            add("fp16 + channels-last + CUDA graph", b, timed(g, x), max_err(g(x), refs[b]))
+            if not args.backend_only:
+                add("fp32 eager NCHW", b, timed(fp32, x), 0.0)
+    if not args.backend_only:
+        eager_steps(args, frames, refs, add)
     compiled_ok = False
-    if not args.no_compile:
+    if not args.no_compile and not args.backend_only:
         try:
+            half_cl = build(args.variant).to(dev).eval().half_networks().to(memory_format=torch.channels_last)
             comp = torch.compile(half_cl, dynamic=False)
             with torch.inference_mode():
                 for b, x in frames.items():
@@ -137,8 +150,10 @@ def main() -> None:
     ck = checkpoint(args.variant, work / "ck.pt")
     for b, x in frames.items():
         pt2 = export_torch_program(ck, work / f"m{b}.pt2", batch=b, fp16=True)
-        be = TorchBackend(str(pt2), read_sidecar(pt2), device="cuda", cuda_graph=True)
-        add("edgead torch backend (.pt2 fp16 + CUDA graph)", b, timed(be.infer_tensor, x), max_err(be.infer_tensor(x), refs[b]))
+        comp = not args.no_compile
+        be = TorchBackend(str(pt2), read_sidecar(pt2), device="cuda", cuda_graph=True, compile=comp)
+        add(f"edgead torch backend (.pt2 fp16 CL{' + compile' if comp else ''} + CUDA graph)", b,
+            timed(be.infer_tensor, x), max_err(be.infer_tensor(x), refs[b]))
     res = {"variant": args.variant, "gflop_per_image": round(gflop, 2), "image_size": size, "rows": rows,
            "compile_ok": compiled_ok,
            "floor_note": "arithmetic floor ~ gflop / 790 TFLOP/s (H100/H200 dense bf16/fp16 peak as quoted in the brief)"}

@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from runtime.artifact import ArtifactError
 from runtime.dataset import DatasetError

@@ -10,7 +10,6 @@ from the execution providers installed. An explicit choice never falls back sile
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,14 +127,6 @@ class Model:
 
     def close(self) -> None:
         self.backend.close()
-
-
-def time_call(fn, *args, repeat: int = 1) -> float:
-    """Seconds per call of fn(*args) (helper for the bench)."""
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn(*args)
-    return (time.perf_counter() - t0) / repeat
 
 
 __all__ = ["Model", "Prediction", "BackendUnavailable", "BACKENDS"]

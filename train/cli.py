@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .loop import TrainConfig, load_checkpoint, train
-    from .models import efficientad as _  # noqa: F401
 
     model = SIZES[args.size]
     if args.teacher and args.size == "lite" and args.teacher != "lite0":
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.evaluate:
             from .evaluate import evaluate_model
 
-            m, _ = load_checkpoint(ckpt)
+            m, _blob = load_checkpoint(ckpt)
             print(json.dumps(evaluate_model(m, args.data, args.device), indent=2))
     except (DatasetError, ArtifactError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

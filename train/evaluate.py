@@ -5,7 +5,6 @@ import dataclasses
 import logging
 
 import numpy as np
-import torch
 
 from calibration.metrics import auroc, evaluate
 from runtime.dataset import open_dataset, read_mask

@@ -34,11 +34,13 @@ class TorchBackend(Backend):
             raise BackendUnavailable("--device cuda asked for the torch backend, but no CUDA GPU is visible")
         self.device = torch.device(device)
         prog = torch.export.load(model_path)
-        self.module = prog.module().to(self.device)
+        # moves lifted constants too (module().to() leaves them on the export device)
+        prog = torch.export.passes.move_to_device_pass(prog, self.device)
+        self.module = prog.module()
         if self.device.type == "cuda":  # NHWC convolutions use the tensor cores best
             self.module = self.module.to(memory_format=torch.channels_last)
-        if compile:
-            self.module = torch.compile(self.module, mode="max-autotune-no-cudagraphs")
+        if compile:  # inductor fuses the pointwise work between convolutions; CUDA graph below replays it
+            self.module = torch.compile(self.module, dynamic=False)
         self.output_names = list(sidecar.outputs)
         self.use_graph = cuda_graph and self.device.type == "cuda"
         self._graphs: dict[tuple, tuple] = {}

@@ -33,9 +33,11 @@ class TorchBackend(Backend):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable("--device cuda asked for the torch backend, but no CUDA GPU is visible")
         self.device = torch.device(device)
+        from torch.export.passes import move_to_device_pass
+
         prog = torch.export.load(model_path)
         # moves lifted constants too (module().to() leaves them on the export device)
-        prog = torch.export.passes.move_to_device_pass(prog, self.device)
+        prog = move_to_device_pass(prog, self.device)
         self.module = prog.module()
         if self.device.type == "cuda":  # NHWC convolutions use the tensor cores best
             self.module = self.module.to(memory_format=torch.channels_last)

@@ -1,0 +1,44 @@
+# edgead: two commands that work on a fresh machine.
+#   make demo   install, then train -> export -> calibrate -> stream on a generated demo (no camera, no downloads)
+#   make test   install, then run the tests (the same command CI runs)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned to the release that lies on this project's machines' disk (no multi-GB download)
+TORCH := torch==2.14.1 torchvision==0.29.1
+DEMO := demo_out
+
+.PHONY: demo test install runtime-only-check clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]' scikit-image
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python -m runtime.synthetic --out $(DEMO)/data --size 256 --train 60 --test-good 10 --per-defect 4
+	$(BIN)/python -m train --data $(DEMO)/data --out $(DEMO)/run --image-size 128 --steps 600
+	$(BIN)/python -m export onnx $(DEMO)/run/checkpoint.pt --out $(DEMO)/model.onnx
+	$(BIN)/python -m calibration fit --model $(DEMO)/model.onnx --good $(DEMO)/data/train/good --defects $(DEMO)/data/test/spot
+	$(BIN)/python -m calibration report --model $(DEMO)/model.onnx --good $(DEMO)/data/test/good --defects $(DEMO)/data/test/scratch --plot $(DEMO)/scores.png --json $(DEMO)/report.json
+	$(BIN)/python -m runtime.stream --demo --demo-frames 120 --model $(DEMO)/model.onnx --headless --jsonl $(DEMO)/frames.jsonl --save-ng $(DEMO)/ng --summary $(DEMO)/summary.json
+	@echo "demo done: per-frame decisions in $(DEMO)/frames.jsonl, NG overlays in $(DEMO)/ng/, summary in $(DEMO)/summary.json"
+
+test: install runtime-only-check
+	$(BIN)/python -m pytest -q tests
+
+# the runtime must install and import with only its own extra (numpy, OpenCV, onnxruntime): no torch
+runtime-only-check:
+	$(PY) -m venv .venv-runtime
+	.venv-runtime/bin/pip install -q -e '.[runtime]'
+	.venv-runtime/bin/python -c "import sys, runtime.model, runtime.stream, runtime.bench, runtime.synthetic; \
+	bad=[m for m in sys.modules if m.split('.')[0] in ('torch','timm','sklearn')]; \
+	assert not bad, bad; print('runtime-only environment OK: no torch')"
+	.venv-runtime/bin/python -m runtime.stream --help > /dev/null
+
+clean:
+	rm -rf $(VENV) .venv-runtime $(DEMO)

@@ -27,16 +27,22 @@ def main() -> None:
     p.add_argument("--work", default="runs/logical")
     p.add_argument("--results", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--product", default="tray", choices=["tray", "board"],
+                   help="tray: random layouts, count defects (default); board: fixed layout")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from runtime.synthetic import LOGICAL, STRUCTURAL, write_dataset
+    import json as _json
+
+    from runtime.synthetic import write_dataset
     from train.evaluate import evaluate_model
     from train.loop import TrainConfig, load_checkpoint, train
 
     work = Path(args.work)
-    data = write_dataset(work / "parts", size=args.image_size, n_train=200, n_test_good=60, n_per_defect=25,
-                         seed=args.seed)
-    ckpt = train(TrainConfig(data=str(data), out=str(work / "run"), steps=args.steps, batch_size=args.batch_size,
+    data = write_dataset(work / args.product, size=args.image_size, n_train=200, n_test_good=60, n_per_defect=25,
+                         seed=args.seed, product=args.product)
+    manifest = _json.loads((data / "manifest.json").read_text())
+    STRUCTURAL, LOGICAL = manifest["structural"], manifest["logical"]
+    ckpt = train(TrainConfig(data=str(data), out=str(work / f"run_{args.product}"), steps=args.steps, batch_size=args.batch_size,
                              device=args.device, image_size=args.image_size, seed=args.seed))
     model, blob = load_checkpoint(ckpt)
     m = evaluate_model(model, str(data), args.device)
@@ -45,10 +51,10 @@ def main() -> None:
         per = m[name]["per_defect_auroc"]
         fam[name] = {"structural": float(np.mean([per[d] for d in STRUCTURAL])),
                      "logical": float(np.mean([per[d] for d in LOGICAL]))}
-    payload = {"steps": args.steps, "batch_size": args.batch_size, "train_seconds": blob["train"]["train_seconds"],
+    payload = {"product": args.product, "steps": args.steps, "batch_size": args.batch_size, "train_seconds": blob["train"]["train_seconds"],
                "families": fam, "metrics": m,
                "puad_minus_efficientad": {k: fam["puad"][k] - fam["efficientad"][k] for k in ("structural", "logical")}}
-    path = write_result("logical_synthetic.json", payload, args.results)
+    path = write_result(f"logical_synthetic_{args.product}.json", payload, args.results)
     print(json.dumps(fam, indent=2))
     print(f"wrote {path}")
 

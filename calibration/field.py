@@ -21,7 +21,6 @@ import numpy as np
 from tqdm import tqdm
 
 from runtime.artifact import ArtifactError, read_sidecar, sidecar_path, write_sidecar
-from runtime.dataset import IMAGE_SUFFIXES, list_images, read_image
 from runtime.model import Model
 
 from . import fitting
@@ -33,44 +32,27 @@ REQUIRED_OUTPUTS = ("features", "map_st_raw", "map_ae_raw", "picturable_score")
 
 
 def iter_images(source: str, max_images: int | None = None) -> Iterable[np.ndarray]:
-    """Frames from a folder of images, a video file, or ``camera:N``."""
-    import cv2
+    """Frames from a folder of images, a video file, or ``camera:N`` (through the runtime's sources)."""
+    from itertools import islice
+
+    from runtime.sources import CaptureSource, FolderSource, SourceError
 
     p = Path(source)
-    if source.startswith("camera:"):
-        cap = cv2.VideoCapture(int(source.split(":", 1)[1]))
-        if not cap.isOpened():
-            raise CalibrationError(f"cannot open {source}; check the camera index and that no other program uses it")
-        n = 0
-        while max_images is None or n < max_images:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            n += 1
-            yield frame
-        cap.release()
-        return
-    if p.is_dir():
-        files = list_images(p)
-        if not files:
-            raise CalibrationError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        for f in files[:max_images]:
-            yield read_image(f)
-        return
-    if p.is_file():
-        cap = cv2.VideoCapture(str(p))
-        if not cap.isOpened():
-            raise CalibrationError(f"{p}: not a readable video; pass a folder of images, a video file or camera:N")
-        n = 0
-        while max_images is None or n < max_images:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            n += 1
-            yield frame
-        cap.release()
-        return
-    raise CalibrationError(f"{source}: not found; pass a folder of good images, a video file or camera:N")
+    try:
+        if source.startswith("camera:"):
+            src = CaptureSource(int(source.split(":", 1)[1]), "camera")
+        elif p.is_dir():
+            src = FolderSource(p)
+        elif p.is_file():
+            src = CaptureSource(str(p), "video")
+        else:
+            raise CalibrationError(f"{source}: not found; pass a folder of good images, a video file or camera:N")
+        try:
+            yield from islice(src.frames(), max_images)
+        finally:
+            src.close()
+    except SourceError as e:
+        raise CalibrationError(f"{e}; pass a folder of good images, a video file or camera:N") from e
 
 
 def check_frame(frame: np.ndarray, expected: list[int] | None, where: str) -> None:

@@ -141,12 +141,71 @@ def make_part(rng: np.random.Generator, size: int = 256, defect: str = "good") -
     return Part(img, (mask > 0).astype(np.uint8) * 255, defect)
 
 
+TRAY_LOGICAL = ("extra", "missing", "wrong_mix")
+_PELLET_COLOURS = [(40, 40, 210), (50, 180, 50), (200, 90, 30)]  # two of each on every good tray
+
+
+def make_tray(rng: np.random.Generator, size: int = 256, defect: str = "good") -> Part:
+    """A tray of six pellets (two red, two green, two blue) scattered at random.
+
+    Logical defects change only the counts ("extra": a seventh pellet; "missing": five;
+    "wrong_mix": one pellet takes another pellet's colour). Every local patch still looks
+    normal, and the layout is random, so neither a patch model nor a layout model can
+    see them: only the composition (pooled features) tells. Structural defects as in make_part.
+    """
+    if defect != "good" and defect not in STRUCTURAL + TRAY_LOGICAL:
+        raise ValueError(f"unknown tray defect {defect!r}; choose from good, {', '.join(STRUCTURAL + TRAY_LOGICAL)}")
+    s = size
+    img = _background(rng, s)
+    cv2.rectangle(img, (int(0.1 * s), int(0.1 * s)), (int(0.9 * s), int(0.9 * s)), (150, 150, 150), -1)
+    img = np.clip(img.astype(np.float32) + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+    colours = [c for c in _PELLET_COLOURS for _ in range(2)]
+    mask = np.zeros((s, s), np.uint8)
+    changed: list[int] = []
+    if defect == "extra":
+        colours.append(_PELLET_COLOURS[int(rng.integers(3))])
+        changed = [len(colours) - 1]
+    elif defect == "missing":
+        colours.pop(int(rng.integers(len(colours))))
+    elif defect == "wrong_mix":
+        k = int(rng.integers(len(colours)))
+        others = [c for c in _PELLET_COLOURS if c != colours[k]]
+        colours[k] = others[int(rng.integers(2))]
+        changed = [k]
+    r = 0.07 * s
+    centres: list[tuple[float, float]] = []
+    while len(centres) < len(colours):  # rejection sampling: pellets never touch
+        c = tuple(rng.uniform(0.18, 0.82, 2) * s)
+        if all((c[0] - o[0]) ** 2 + (c[1] - o[1]) ** 2 > (2.4 * r) ** 2 for o in centres):
+            centres.append(c)
+    for i, (c, col) in enumerate(zip(centres, colours)):
+        _draw_component(img, c, col, "disc", r)
+        if i in changed:
+            mask |= _component_mask(s, c, "disc", r)
+    if defect == "missing":  # the whole tray is the defect: the missing pellet has no place
+        mask[int(0.1 * s):int(0.9 * s), int(0.1 * s):int(0.9 * s)] = 255
+    if defect in STRUCTURAL:
+        part = make_part(rng, s, defect)  # reuse the damage drawing on a board, then keep only its mask area
+        m = part.mask > 0
+        img[m] = part.image[m]
+        mask |= part.mask
+    img = np.clip(img.astype(np.float32) * rng.uniform(0.95, 1.05) + rng.normal(0, 1.5, img.shape), 0, 255)
+    return Part(img.astype(np.uint8), (mask > 0).astype(np.uint8) * 255, defect)
+
+
 def write_dataset(root: str | Path, size: int = 256, n_train: int = 60, n_test_good: int = 20,
                   n_per_defect: int = 10, seed: int = 0,
-                  defects: tuple[str, ...] = STRUCTURAL + LOGICAL, n_validation: int = 0) -> Path:
-    """Write an MVTec-layout dataset of synthetic parts (deterministic for a seed)."""
+                  defects: tuple[str, ...] | None = None, n_validation: int = 0, product: str = "board") -> Path:
+    """Write an MVTec-layout dataset of synthetic parts (deterministic for a seed).
+
+    product "board": fixed layout, make_part; "tray": random layout with count defects, make_tray.
+    """
     root = Path(root)
     rng = np.random.default_rng(seed)
+    maker = {"board": make_part, "tray": make_tray}[product]
+    logical = LOGICAL if product == "board" else TRAY_LOGICAL
+    if defects is None:
+        defects = STRUCTURAL + logical
     plan = [("train/good", "good", n_train), ("validation/good", "good", n_validation), ("test/good", "good", n_test_good)]
     plan += [(f"test/{d}", d, n_per_defect) for d in defects]
     for folder, defect, n in plan:
@@ -156,12 +215,12 @@ def write_dataset(root: str | Path, size: int = 256, n_train: int = 60, n_test_g
         if defect != "good":
             (root / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            part = make_part(rng, size, defect)
+            part = maker(rng, size, defect)
             cv2.imwrite(str(root / folder / f"{i:03d}.png"), part.image)
             if defect != "good":
                 cv2.imwrite(str(root / "ground_truth" / defect / f"{i:03d}_mask.png"), part.mask)
-    manifest = {"generator": "edgead.runtime.synthetic", "seed": seed, "size": size,
-                "structural": [d for d in defects if d in STRUCTURAL], "logical": [d for d in defects if d in LOGICAL]}
+    manifest = {"generator": "edgead.runtime.synthetic", "product": product, "seed": seed, "size": size,
+                "structural": [d for d in defects if d in STRUCTURAL], "logical": [d for d in defects if d in logical]}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("wrote synthetic dataset to %s", root)
     return root

@@ -1,0 +1,120 @@
+"""edgead vs anomalib: the same EfficientAD network, both exported to ONNX, both in ONNX Runtime.
+
+    pip install anomalib==2.7.0          # benchmark-only dependency, never a runtime one
+    python -m benchmarks.vs_anomalib --sizes s m --batches 1 8
+
+anomalib side: ``anomalib.models.EfficientAd`` (teacher weights cannot be downloaded here, so
+fresh weights: this is a speed comparison of the same network) exported with its own
+``to_onnx`` (float NCHW input in [0,1], its pre/post-processing inside), run in ONNX Runtime,
+fed the way its inferencers feed it (decode -> RGB -> resize -> float -> CHW).
+edgead side: our EfficientAD-S/M + PUAD export (uint8 NHWC input, preprocessing, quantile
+normalization and the Mahalanobis score fused), fed by ``runtime.model.Model``.
+A and B alternate over the same JPEG frames in one process. Reports p50/p99 latency and
+throughput end to end (JPEG bytes -> decision) and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from benchmarks.common import write_result
+
+log = logging.getLogger(__name__)
+
+
+def anomalib_onnx(size: str, work: Path) -> Path:
+    import torch
+    from anomalib.models import EfficientAd
+
+    torch.manual_seed(0)
+    model = EfficientAd(model_size={"s": "small", "m": "medium"}[size]).eval()
+    out = model.to_onnx(export_root=work / f"anomalib_{size}", input_size=(256, 256))
+    return Path(out)
+
+
+def edgead_onnx(size: str, work: Path, batch) -> Path:
+    from benchmarks.speed_models import checkpoint
+    from export.onnx_export import export_onnx
+
+    ck = checkpoint(size, work / f"edgead_{size}.pt")
+    return export_onnx(ck, work / f"edgead_{size}_{batch}.onnx", batch=batch)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["s"], choices=["s", "m"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--results", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    import anomalib
+    import onnxruntime as ort
+
+    from runtime.bench import percentiles, test_frame
+    from runtime.model import Model
+
+    work = Path(tempfile.mkdtemp(prefix="vs_anomalib_"))
+    frame = test_frame()
+    jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    report = {"anomalib": anomalib.__version__, "onnxruntime": ort.__version__, "cases": []}
+    for size in args.sizes:
+        a_path = anomalib_onnx(size, work)
+        sess = ort.InferenceSession(str(a_path), providers=["CPUExecutionProvider"])
+        a_in = sess.get_inputs()[0]
+        log.info("anomalib %s input %s %s", size, a_in.name, a_in.shape)
+        for b in args.batches:
+            b_path = edgead_onnx(size, work, b)
+            edge = Model(b_path)
+
+            def run_anomalib():
+                imgs = []
+                for _ in range(b):
+                    img = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                    img = cv2.resize(img, (256, 256), interpolation=cv2.INTER_AREA)
+                    imgs.append(img.astype(np.float32).transpose(2, 0, 1) / 255.0)
+                x = np.stack(imgs)
+                out = sess.run(None, {a_in.name: x})
+                return out[0] > 0.5  # pred score -> label, as anomalib's post-processor does
+
+            def run_edgead():
+                frames = [cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) for _ in range(b)]
+                return edge.predict(frames).is_ng
+
+            if isinstance(a_in.shape[0], int) and a_in.shape[0] != b:
+                log.warning("anomalib graph has fixed batch %s; skipping batch %d", a_in.shape[0], b)
+                continue
+            for _ in range(3):
+                run_anomalib()
+                run_edgead()
+            ta, tb = [], []
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                run_anomalib()
+                t1 = time.perf_counter()
+                run_edgead()
+                t2 = time.perf_counter()
+                ta.append((t1 - t0) * 1e3)
+                tb.append((t2 - t1) * 1e3)
+            case = {"size": size, "batch": b, "anomalib_onnxruntime": percentiles(ta), "edgead_onnxruntime": percentiles(tb),
+                    "anomalib_images_per_s": round(b * 1e3 / float(np.median(ta)), 2),
+                    "edgead_images_per_s": round(b * 1e3 / float(np.median(tb)), 2),
+                    "speedup_p50": round(float(np.median(ta) / np.median(tb)), 3),
+                    "speedup_p99": round(float(np.percentile(ta, 99) / np.percentile(tb, 99)), 3)}
+            report["cases"].append(case)
+            log.info("%s b=%d anomalib %.1f ms, edgead %.1f ms, x%.2f", size, b, np.median(ta), np.median(tb),
+                     case["speedup_p50"])
+    path = write_result("vs_anomalib.json", report, args.results)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

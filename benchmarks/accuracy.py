@@ -16,7 +16,7 @@ from benchmarks.common import write_result
 
 
 def model_kwargs(args) -> dict:
-    kw = {} if args.size == "lite" else {"teacher": "lite0"}
+    kw = {} if args.size == "lite" else {"teacher": "lite2"}
     if args.teacher:
         kw["teacher"] = args.teacher
     if args.teacher_indices:
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true")
-    p.add_argument("--teacher", default=None, help="lite0 (default), lite2, pdn_s, pdn_m")
+    p.add_argument("--teacher", default=None, help="lite2 (default), lite0, pdn_s, pdn_m")
     p.add_argument("--teacher-indices", type=int, nargs="+", default=None, help="EfficientNet-Lite stages (default 2 3)")
     p.add_argument("--student-width", type=int, default=None, help="real-time student width (default 128)")
     p.add_argument("--work", default="runs/accuracy", help="folder for the checkpoint")

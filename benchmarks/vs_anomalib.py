@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1])
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--results", default=None)
+    p.add_argument("--int8", action="store_true", help="also time edgead's INT8 (Q/DQ) export of the same network")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     import anomalib
@@ -73,6 +74,17 @@ def main() -> None:
         for b in args.batches:
             b_path = edgead_onnx(size, work, b)
             edge = Model(b_path)
+            edge8 = None
+            if args.int8:
+                from export.quantize import quantize_qdq
+                from runtime.synthetic import write_dataset
+
+                calib = write_dataset(work / "calib", size=256, n_train=16, n_test_good=0, n_per_defect=0, defects=())
+                edge8 = Model(quantize_qdq(b_path, work / f"edgead_{size}_{b}_int8.onnx", calib / "train" / "good"))
+
+            def run_edgead8():
+                frames = [cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) for _ in range(b)]
+                return edge8.predict(frames).is_ng
 
             def run_anomalib():
                 imgs = []
@@ -94,20 +106,29 @@ def main() -> None:
             for _ in range(3):
                 run_anomalib()
                 run_edgead()
-            ta, tb = [], []
+            ta, tb, tc = [], [], []
             for _ in range(args.iters):
                 t0 = time.perf_counter()
                 run_anomalib()
                 t1 = time.perf_counter()
                 run_edgead()
                 t2 = time.perf_counter()
+                if edge8 is not None:
+                    run_edgead8()
+                t3 = time.perf_counter()
                 ta.append((t1 - t0) * 1e3)
                 tb.append((t2 - t1) * 1e3)
+                tc.append((t3 - t2) * 1e3)
             case = {"size": size, "batch": b, "anomalib_onnxruntime": percentiles(ta), "edgead_onnxruntime": percentiles(tb),
                     "anomalib_images_per_s": round(b * 1e3 / float(np.median(ta)), 2),
                     "edgead_images_per_s": round(b * 1e3 / float(np.median(tb)), 2),
                     "speedup_p50": round(float(np.median(ta) / np.median(tb)), 3),
                     "speedup_p99": round(float(np.percentile(ta, 99) / np.percentile(tb, 99)), 3)}
+            if edge8 is not None:
+                case.update({"edgead_int8_qdq_onnxruntime": percentiles(tc),
+                             "edgead_int8_images_per_s": round(b * 1e3 / float(np.median(tc)), 2),
+                             "int8_speedup_p50": round(float(np.median(ta) / np.median(tc)), 3),
+                             "int8_note": "INT8 Q/DQ of fresh weights: speed only; INT8 accuracy of a trained S is not measured here"})
             report["cases"].append(case)
             log.info("%s b=%d anomalib %.1f ms, edgead %.1f ms, x%.2f", size, b, np.median(ta), np.median(tb),
                      case["speedup_p50"])

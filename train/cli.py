@@ -20,9 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="category folder holding train/good (and optionally test/)")
     p.add_argument("--out", required=True, help="output folder for checkpoint.pt and train_log.jsonl")
     p.add_argument("--size", choices=sorted(SIZES), default="lite",
-                   help="lite: real-time EfficientNet-Lite0 teacher (default); s/m: the paper's PDN networks")
-    p.add_argument("--teacher", choices=["lite0", "pdn_s", "pdn_m"], default=None,
-                   help="teacher for s/m (default lite0: frozen ImageNet EfficientNet-Lite0 features)")
+                   help="lite: real-time model, frozen EfficientNet-Lite teacher (default); s/m: the paper's PDN students")
+    p.add_argument("--teacher", choices=["lite0", "lite2", "pdn_s", "pdn_m"], default=None,
+                   help="teacher (default lite2: frozen ImageNet EfficientNet-Lite2 features; pdn_* are untrained PDNs, "
+                        "for speed comparisons only)")
     p.add_argument("--steps", type=int, default=PAPER_STEPS, help=f"training steps (paper: {PAPER_STEPS})")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--image-size", type=int, default=256)
@@ -43,16 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import TrainConfig, load_checkpoint, train
 
     model = SIZES[args.size]
-    if args.teacher and args.size == "lite" and args.teacher != "lite0":
-        print("error: --size lite always uses the lite0 teacher", file=sys.stderr)
+    if args.teacher and args.size == "lite" and args.teacher not in ("lite0", "lite2"):
+        print("error: --size lite takes an EfficientNet-Lite teacher (lite0 or lite2)", file=sys.stderr)
         return 2
     cfg = TrainConfig(data=args.data, out=args.out, model=model, image_size=args.image_size, steps=args.steps,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
                       target_fpr=args.target_fpr, amp=args.amp)
-    if args.teacher and args.size != "lite":
+    if args.teacher:
         cfg.model_kwargs = {"teacher": args.teacher}
     elif args.size != "lite":
-        cfg.model_kwargs = {"teacher": "lite0"}
+        cfg.model_kwargs = {"teacher": "lite2"}
     try:
         ckpt = train(cfg, resume=args.resume)
         if args.evaluate:

@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--results", default=None)
     p.add_argument("--int8", action="store_true", help="also time edgead's INT8 (Q/DQ) export of the same network")
+    p.add_argument("--int8-teacher", action="store_true", help="quantize the teacher too (default: it stays fp32)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     import anomalib
@@ -80,7 +81,8 @@ def main() -> None:
                 from runtime.synthetic import write_dataset
 
                 calib = write_dataset(work / "calib", size=256, n_train=16, n_test_good=0, n_per_defect=0, defects=())
-                edge8 = Model(quantize_qdq(b_path, work / f"edgead_{size}_{b}_int8.onnx", calib / "train" / "good"))
+                edge8 = Model(quantize_qdq(b_path, work / f"edgead_{size}_{b}_int8.onnx", calib / "train" / "good",
+                                           quantize_teacher=args.int8_teacher))
 
             def run_edgead8():
                 frames = [cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) for _ in range(b)]

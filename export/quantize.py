@@ -42,8 +42,14 @@ class _Reader:
         self.i = 0
 
 
-def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Path, max_images: int = 64) -> Path:
-    """fp32 ONNX + calibration images -> Q/DQ ONNX (+ sidecar, precision "int8-qdq")."""
+def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Path, max_images: int = 64,
+                 quantize_teacher: bool = False) -> Path:
+    """fp32 ONNX + calibration images -> Q/DQ ONNX (+ sidecar, precision "int8-qdq").
+
+    The frozen teacher stays fp32 by default: its features are divided by small per-channel
+    stds, so INT8 rounding there dominates the map error (measured on the test model:
+    mean map error 0.020 with a quantized teacher).
+    """
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     except ImportError as e:
@@ -56,14 +62,22 @@ def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Pa
     if len(files) < 8:
         raise ArtifactError(f"{calib_images}: {len(files)} calibration images; give at least 8 good images")
     batch = sc.input.batch if isinstance(sc.input.batch, int) else 1
+    import onnx
+
+    graph = onnx.load(str(model_path))
+    exclude = [] if quantize_teacher else [n.name for n in graph.graph.node if n.op_type == "Conv" and "/teacher/" in n.name]
+    if not quantize_teacher and not exclude:
+        log.warning("no teacher nodes found by name; quantizing every convolution")
     tmp = out.with_name(out.name + ".partial")
     quantize_static(str(model_path), str(tmp), _Reader(files, sc.input.height, sc.input.width, "frames", batch),
                     quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
+                    nodes_to_exclude=exclude,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.Percentile,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.99})
     tmp.replace(out)
     sc.precision = "int8-qdq"
-    sc.provenance["int8"] = {"calibration_images": str(calib_images), "n": len(files), "method": "percentile 99.99"}
+    sc.provenance["int8"] = {"calibration_images": str(calib_images), "n": len(files), "method": "percentile 99.99",
+                             "teacher_quantized": quantize_teacher or not exclude}
     write_sidecar(out, sc)
     return out

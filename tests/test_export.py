@@ -128,3 +128,16 @@ def test_uncalibrated_checkpoint_is_refused(tmp_path):
     save_checkpoint(p, m, {})
     with pytest.raises(ExportError, match="no map quantiles"):
         export_onnx(p, tmp_path / "m.onnx")
+
+
+def test_torch_program_backend_matches_onnx(tmp_path, trained, onnx_model, test_frames):
+    from export.onnx_export import export_torch_program
+
+    frames, _ = test_frames
+    pt2 = export_torch_program(trained, tmp_path / "m.pt2", batch=4)
+    m = Model(pt2, device="cpu", warmup=0)
+    assert m.provider.startswith("torch:cpu")
+    a = m.infer(frames[:4])
+    b = Model(onnx_model, warmup=0).infer(frames[:4])
+    for k in KEYS:
+        assert np.abs(a[k] - b[k]).max() <= 1e-4 * max(1.0, np.abs(b[k]).max()), k

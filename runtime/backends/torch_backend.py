@@ -17,6 +17,21 @@ from .base import Backend, BackendUnavailable
 log = logging.getLogger(__name__)
 
 
+def _strip_metadata_asserts(gm) -> None:
+    """Drop export-time dtype/device assertion nodes (pure checks, no outputs) before torch.compile:
+    seen on an H100 with torch 2.11, dynamo rejected the device assertion of a program moved to CUDA."""
+    import torch
+
+    target = torch.ops.aten._assert_tensor_metadata.default
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is target and not node.users:
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed:
+        gm.recompile()
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -33,6 +48,8 @@ class TorchBackend(Backend):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable("--device cuda asked for the torch backend, but no CUDA GPU is visible")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         from torch.export.passes import move_to_device_pass
 
         prog = torch.export.load(model_path)
@@ -42,6 +59,7 @@ class TorchBackend(Backend):
         if self.device.type == "cuda":  # NHWC convolutions use the tensor cores best
             self.module = self.module.to(memory_format=torch.channels_last)
         if compile:  # inductor fuses the pointwise work between convolutions; CUDA graph below replays it
+            _strip_metadata_asserts(self.module)
             self.module = torch.compile(self.module, dynamic=False)
         self.output_names = list(sidecar.outputs)
         self.use_graph = cuda_graph and self.device.type == "cuda"

@@ -29,6 +29,10 @@ from torch import nn
 from .registry import register_model
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 # ----------------------------------------------------------------------------- blocks
 class PDN(nn.Module):
     """Patch description network, sizes "s" and "m" exactly as in the paper (no padding).
@@ -261,25 +265,21 @@ class EfficientAD(nn.Module):
     def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized teacher features [N,C,h,w] (channel-wise z-score over training images)."""
         with torch.no_grad():
-            return (self.teacher(x).float() - self.teacher_mean) / self.teacher_std
+            return (self.teacher(x.to(_dtype(self.teacher))).float() - self.teacher_mean) / self.teacher_std
 
-    def student_dtype(self) -> torch.dtype:
-        return next(self.student.parameters()).dtype
-
-    def half_networks(self) -> "EfficientAD":
-        """fp16 teacher/student/autoencoder; pre/post-processing and statistics stay fp32."""
-        self.teacher.half()
-        self.student.half()
-        self.autoencoder.half()
+    def half_networks(self, parts: tuple[str, ...] = ("teacher", "student", "autoencoder")) -> "EfficientAD":
+        """fp16 for the named networks; pre/post-processing and statistics stay fp32."""
+        for name in parts:
+            getattr(self, name).half()
         return self
 
     def raw_maps(self, x: torch.Tensor):
         """x: preprocessed [N,3,H,W] -> (map_st [N,1,h,w], map_ae [N,1,h,w], pooled [N,C])."""
         c = self.channels
-        x = x.to(self.student_dtype())  # networks may run in fp16; statistics stay fp32
-        t = self.teacher_features(x).float()
-        s = self.student(x).float()
-        a = self.autoencoder(x).float()
+        # each network may run in fp16 (half_networks); maps and statistics stay fp32
+        t = self.teacher_features(x)
+        s = self.student(x.to(_dtype(self.student))).float()
+        a = self.autoencoder(x.to(_dtype(self.autoencoder))).float()
         map_st = torch.mean((t - s[:, :c]) ** 2, dim=1, keepdim=True)
         map_ae = torch.mean((a - s[:, c:]) ** 2, dim=1, keepdim=True)
         pooled = torch.mean(s[:, :c], dim=(2, 3))

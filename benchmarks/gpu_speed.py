@@ -149,7 +149,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     ck = checkpoint(args.variant, work / "ck.pt")
     for b, x in frames.items():
-        pt2 = export_torch_program(ck, work / f"m{b}.pt2", batch=b, fp16=True)
+        pt2 = export_torch_program(ck, work / f"m{b}.pt2", batch=b, fp16=True, fp16_teacher=True)
         comp = not args.no_compile
         be = TorchBackend(str(pt2), read_sidecar(pt2), device="cuda", cuda_graph=True, compile=comp)
         add(f"edgead torch backend (.pt2 fp16 CL{' + compile' if comp else ''} + CUDA graph)", b,

@@ -25,17 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("onnx", help="checkpoint -> model.onnx (+ model.onnx.json)")
     o.add_argument("checkpoint")
     o.add_argument("--out", required=True)
-    o.add_argument("--fp16", action="store_true", help="fp16 networks (statistics stay fp32)")
+    o.add_argument("--fp16", action="store_true", help="fp16 student and autoencoder (teacher and statistics stay fp32)")
+    o.add_argument("--fp16-teacher", action="store_true", help="with --fp16: teacher in fp16 too (faster on GPUs; "
+                   "check parity on your data, the teacher's std normalization amplifies rounding)")
     o.add_argument("--batch", type=_batch, default=1, help="fixed batch size or 'dynamic' (default 1)")
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--no-simplify", action="store_true")
     o.add_argument("--int8", action="store_true", help="also write OUT with Q/DQ nodes (explicit INT8) from --calib-images")
     o.add_argument("--calib-images", help="folder of good images for INT8 Q/DQ calibration")
+    o.add_argument("--int8-teacher", action="store_true", help="with --int8: quantize the teacher too (faster on CPU; "
+                   "check accuracy, the teacher's std normalization amplifies rounding)")
     t = sub.add_parser("torch", help="checkpoint -> model.pt2 (torch.export) for the runtime's torch backend")
     t.add_argument("checkpoint")
     t.add_argument("--out", required=True)
     t.add_argument("--batch", type=_batch, default=1)
-    t.add_argument("--fp16", action="store_true", help="fp16 networks (for GPUs)")
+    t.add_argument("--fp16", action="store_true", help="fp16 student and autoencoder (for GPUs)")
+    t.add_argument("--fp16-teacher", action="store_true", help="with --fp16: teacher in fp16 too")
     r = sub.add_parser("tensorrt", help="model.onnx -> model.engine (needs TensorRT on this machine)")
     r.add_argument("onnx")
     r.add_argument("--out", required=True)
@@ -63,18 +68,19 @@ def main(argv: list[str] | None = None) -> int:
 
                 fp32 = Path(args.out).with_name(Path(args.out).stem + ".fp32.onnx")
                 export_onnx(args.checkpoint, fp32, batch=args.batch, opset=args.opset, simplify=not args.no_simplify)
-                out = quantize_qdq(fp32, args.out, args.calib_images)
+                out = quantize_qdq(fp32, args.out, args.calib_images, quantize_teacher=args.int8_teacher)
                 # int8 noise moves the pooled features: refit the Gaussian and quantiles on the quantized graph
                 from calibration.field import calibrate
 
                 calibrate(out, args.calib_images)
             else:
                 out = export_onnx(args.checkpoint, args.out, fp16=args.fp16, batch=args.batch, opset=args.opset,
-                                  simplify=not args.no_simplify)
+                                  simplify=not args.no_simplify, fp16_teacher=args.fp16_teacher)
         elif args.cmd == "torch":
             from .onnx_export import export_torch_program
 
-            out = export_torch_program(args.checkpoint, args.out, batch=args.batch, fp16=args.fp16)
+            out = export_torch_program(args.checkpoint, args.out, batch=args.batch, fp16=args.fp16,
+                                       fp16_teacher=args.fp16_teacher)
         else:
             from .tensorrt_build import build_engine
 

@@ -137,7 +137,7 @@ def sidecar_from_checkpoint(blob: dict, model: EfficientAD, model_file: str, bat
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, fp16: bool = False, batch: int | str = 1,
-                opset: int = 17, simplify: bool = True) -> Path:
+                opset: int = 17, simplify: bool = True, fp16_teacher: bool = False) -> Path:
     """Write ``out`` (ONNX) and ``out.json`` (sidecar) atomically; returns ``out``."""
     out = Path(out)
     _check_out_path(out)
@@ -149,8 +149,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, fp16: bool = False, bat
     if not bool(model.calibrated):
         raise ExportError(f"{checkpoint}: checkpoint has no map quantiles / Gaussian yet (training did not finish); "
                           "exporting would drop the normalization - re-run `python -m train`")
+    parts = FP16_PARTS + (("teacher",) if fp16_teacher else ())
     if fp16:
-        model.half_networks(FP16_PARTS)
+        model.half_networks(parts)
     h = w = model.cfg.image_size
     n = 2 if batch == "dynamic" else batch
     dummy = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8)
@@ -169,7 +170,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, fp16: bool = False, bat
     atomic_write_bytes(out, graph.SerializeToString())
     sc = sidecar_from_checkpoint(blob, model, out.name, batch, "fp16" if fp16 else "fp32")
     if fp16:
-        sc.provenance["fp16_networks"] = list(FP16_PARTS)
+        sc.provenance["fp16_networks"] = list(parts)
     sc.provenance.update({"opset": opset, "torch": str(torch.__version__), "onnx": onnx.__version__,
                           "checkpoint_sha256": file_sha256(checkpoint)})
     write_sidecar(out, sc)
@@ -177,7 +178,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, fp16: bool = False, bat
     return out
 
 
-def export_torch_program(checkpoint: str | Path, out: str | Path, batch: int | str = 1, fp16: bool = False) -> Path:
+def export_torch_program(checkpoint: str | Path, out: str | Path, batch: int | str = 1, fp16: bool = False,
+                         fp16_teacher: bool = False) -> Path:
     """``torch.export`` program (.pt2) + sidecar, for the runtime's torch backend (no edgead code needed to load)."""
     out = Path(out)
     _check_out_path(out)
@@ -185,7 +187,7 @@ def export_torch_program(checkpoint: str | Path, out: str | Path, batch: int | s
     if not bool(model.calibrated):
         raise ExportError(f"{checkpoint}: checkpoint is not calibrated; re-run `python -m train`")
     if fp16:
-        model.half_networks(FP16_PARTS)
+        model.half_networks(FP16_PARTS + (("teacher",) if fp16_teacher else ()))
     h = w = model.cfg.image_size
     dummy = torch.randint(0, 256, (2 if batch == "dynamic" else batch, h, w, 3), dtype=torch.uint8)
     dyn = ({"frames": {0: torch.export.Dim("batch", min=1, max=1024)}},) if batch == "dynamic" else None

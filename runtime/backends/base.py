@@ -18,6 +18,7 @@ class Backend(ABC):
     def __init__(self, model_path: str, sidecar: Sidecar):
         self.model_path = model_path
         self.sidecar = sidecar
+        self.output_names: list[str] = []  # every backend fills this: calibration checks it for "features"
 
     @abstractmethod
     def infer(self, frames: np.ndarray) -> dict[str, np.ndarray]:

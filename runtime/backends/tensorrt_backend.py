@@ -62,6 +62,7 @@ class TensorRTBackend(Backend):
                 self.outputs.append(name)
         if len(self.inputs) != 1:
             raise ArtifactError(f"{model_path}: engine has inputs {self.inputs}, expected one frames input")
+        self.output_names = list(self.outputs)
         missing = [k for k in sidecar.outputs if k not in self.outputs]
         if missing:
             raise ArtifactError(f"{model_path}: engine lacks outputs {missing}; rebuild it from the exported ONNX")

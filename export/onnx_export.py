@@ -59,29 +59,29 @@ def _check_out_path(out: Path) -> None:
         raise ExportError(f"{out}: folder {parent} is not writable; choose another --out")
 
 
-def _sentinels(model: EfficientAD) -> dict[str, np.ndarray]:
-    """Set each calibration buffer to distinct random values; return the true values.
+def _sentinels(model: EfficientAD) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Set each calibration buffer to distinct random values; return (true values, sentinel values).
 
-    The exporter de-duplicates equal initializers and names them freely; unique sentinel
-    values let us find each constant afterwards by value, whatever the exporter did.
+    The exporter and onnxslim de-duplicate equal initializers and name them freely; unique
+    sentinel values let us find each constant afterwards by value, whatever they did.
     """
     rng = np.random.default_rng(12345)
-    true = {}
+    true, sentinel = {}, {}
     for k, name in enumerate(CALIBRATION_INITIALIZERS):
         buf = getattr(model, name)
         true[name] = buf.detach().cpu().numpy().copy()
-        val = 1000.0 + 10.0 * k + rng.random(buf.shape)
-        buf.copy_(torch.as_tensor(val, dtype=buf.dtype))
-    return true
+        sentinel[name] = (1000.0 + 10.0 * k + rng.random(buf.shape)).astype(np.float32)
+        buf.copy_(torch.as_tensor(sentinel[name], dtype=buf.dtype))
+    return true, sentinel
 
 
-def name_calibration_initializers(model: onnx.ModelProto, true: dict[str, np.ndarray]) -> None:
+def name_calibration_initializers(model: onnx.ModelProto, true: dict[str, np.ndarray],
+                                  sentinel: dict[str, np.ndarray]) -> None:
     """Find each sentinel initializer, give it its canonical name and its true value."""
-    rng = np.random.default_rng(12345)
-    for k, canon in enumerate(CALIBRATION_INITIALIZERS):
-        sentinel = (1000.0 + 10.0 * k + rng.random(true[canon].shape)).astype(np.float32)
+    for canon in CALIBRATION_INITIALIZERS:
+        want = sentinel[canon]
         hits = [i for i in model.graph.initializer
-                if tuple(i.dims) == sentinel.shape and np.array_equal(numpy_helper.to_array(i).astype(np.float32), sentinel)]
+                if tuple(i.dims) == want.shape and np.array_equal(numpy_helper.to_array(i).astype(np.float32), want)]
         if len(hits) != 1:
             raise ExportError(f"exported graph has {len(hits)} initializers holding {canon!r}; "
                               "the exporter folded or duplicated it - pin torch/onnx versions or report a bug")
@@ -104,8 +104,8 @@ def calibration_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxslim (constant folding, shape inference, dead-node removal); the sentinel check afterwards
-    refuses the result if it touched a calibration constant."""
+    """onnxslim (constant folding, shape inference, dead-node removal); the caller falls back to the
+    unsimplified graph if the result lost a calibration constant."""
     try:
         import onnxslim
     except ImportError:
@@ -136,35 +136,52 @@ def sidecar_from_checkpoint(blob: dict, model: EfficientAD, model_file: str, bat
     )
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, fp16: bool = False, batch: int | str = 1,
-                opset: int = 17, simplify: bool = True, fp16_teacher: bool = False) -> Path:
-    """Write ``out`` (ONNX) and ``out.json`` (sidecar) atomically; returns ``out``."""
-    out = Path(out)
+def _load_for_export(checkpoint: str | Path, out: Path, batch: int | str, fp16: bool,
+                     fp16_teacher: bool) -> tuple[EfficientAD, dict, tuple[str, ...]]:
+    """Checks shared by every export format; returns (model, checkpoint blob, fp16 networks)."""
     _check_out_path(out)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     if batch != "dynamic" and (not isinstance(batch, int) or batch < 1):
         raise ExportError(f"batch {batch!r}: give a positive integer or 'dynamic'")
     model, blob = load_checkpoint(checkpoint)
     if not bool(model.calibrated):
         raise ExportError(f"{checkpoint}: checkpoint has no map quantiles / Gaussian yet (training did not finish); "
                           "exporting would drop the normalization - re-run `python -m train`")
-    parts = FP16_PARTS + (("teacher",) if fp16_teacher else ())
-    if fp16:
+    parts = (FP16_PARTS + (("teacher",) if fp16_teacher else ())) if fp16 else ()
+    if parts:
         model.half_networks(parts)
+    return model, blob, parts
+
+
+def _dummy_frames(model: EfficientAD, batch: int | str) -> torch.Tensor:
     h = w = model.cfg.image_size
-    n = 2 if batch == "dynamic" else batch
-    dummy = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8)
+    return torch.randint(0, 256, (2 if batch == "dynamic" else batch, h, w, 3), dtype=torch.uint8)
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, fp16: bool = False, batch: int | str = 1,
+                opset: int = 17, simplify: bool = True, fp16_teacher: bool = False) -> Path:
+    """Write ``out`` (ONNX) and ``out.json`` (sidecar) atomically; returns ``out``."""
+    out = Path(out)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    model, blob, parts = _load_for_export(checkpoint, out, batch, fp16, fp16_teacher)
     dyn = {INPUT_NAME: {0: "batch"}, **{k: {0: "batch"} for k in OUTPUT_NAMES}} if batch == "dynamic" else None
     buf = io.BytesIO()
     with torch.no_grad():
-        true = _sentinels(model)
-        torch.onnx.export(_Deployed(model).eval(), (dummy,), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes=dyn, opset_version=opset, do_constant_folding=True, dynamo=False)
+        true, sentinel = _sentinels(model)
+        torch.onnx.export(_Deployed(model).eval(), (_dummy_frames(model, batch),), buf, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES), dynamic_axes=dyn, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
     graph = onnx.load_from_string(buf.getvalue())
     if simplify:  # while the sentinels are in: onnxslim also merges equal-valued initializers
-        graph = _simplify(graph)
-    name_calibration_initializers(graph, true)
+        slim = _simplify(graph)
+        try:
+            name_calibration_initializers(slim, true, sentinel)
+            graph = slim
+        except ExportError as e:
+            log.warning("onnxslim touched a calibration constant (%s): graph left unsimplified", e)
+            name_calibration_initializers(graph, true, sentinel)
+    else:
+        name_calibration_initializers(graph, true, sentinel)
     graph.doc_string = "edgead EfficientAD+PUAD: uint8 NHWC frames -> anomaly map and scores (see sidecar)"
     onnx.checker.check_model(graph)
     atomic_write_bytes(out, graph.SerializeToString())
@@ -182,14 +199,8 @@ def export_torch_program(checkpoint: str | Path, out: str | Path, batch: int | s
                          fp16_teacher: bool = False) -> Path:
     """``torch.export`` program (.pt2) + sidecar, for the runtime's torch backend (no edgead code needed to load)."""
     out = Path(out)
-    _check_out_path(out)
-    model, blob = load_checkpoint(checkpoint)
-    if not bool(model.calibrated):
-        raise ExportError(f"{checkpoint}: checkpoint is not calibrated; re-run `python -m train`")
-    if fp16:
-        model.half_networks(FP16_PARTS + (("teacher",) if fp16_teacher else ()))
-    h = w = model.cfg.image_size
-    dummy = torch.randint(0, 256, (2 if batch == "dynamic" else batch, h, w, 3), dtype=torch.uint8)
+    model, blob, parts = _load_for_export(checkpoint, out, batch, fp16, fp16_teacher)
+    dummy = _dummy_frames(model, batch)
     dyn = ({"frames": {0: torch.export.Dim("batch", min=1, max=1024)}},) if batch == "dynamic" else None
     with torch.no_grad():
         prog = torch.export.export(_Deployed(model).eval(), (dummy,), dynamic_shapes=dyn)
@@ -197,5 +208,7 @@ def export_torch_program(checkpoint: str | Path, out: str | Path, batch: int | s
     torch.export.save(prog, buf)
     atomic_write_bytes(out, buf.getvalue())
     sc = sidecar_from_checkpoint(blob, model, out.name, batch, "fp16" if fp16 else "fp32", backend_format="torch")
+    if parts:
+        sc.provenance["fp16_networks"] = list(parts)
     write_sidecar(out, sc)
     return out

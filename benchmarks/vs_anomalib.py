@@ -84,9 +84,6 @@ def main() -> None:
                 edge8 = Model(quantize_qdq(b_path, work / f"edgead_{size}_{b}_int8.onnx", calib / "train" / "good",
                                            quantize_teacher=args.int8_teacher))
 
-            def run_edgead8():
-                frames = [cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) for _ in range(b)]
-                return edge8.predict(frames).is_ng
 
             def run_anomalib():
                 imgs = []
@@ -98,9 +95,9 @@ def main() -> None:
                 out = sess.run(None, {a_in.name: x})
                 return out[0] > 0.5  # pred score -> label, as anomalib's post-processor does
 
-            def run_edgead():
+            def run_edgead(model=edge):
                 frames = [cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) for _ in range(b)]
-                return edge.predict(frames).is_ng
+                return model.predict(frames).is_ng
 
             if isinstance(a_in.shape[0], int) and a_in.shape[0] != b:
                 log.warning("anomalib graph has fixed batch %s; skipping batch %d", a_in.shape[0], b)
@@ -116,7 +113,7 @@ def main() -> None:
                 run_edgead()
                 t2 = time.perf_counter()
                 if edge8 is not None:
-                    run_edgead8()
+                    run_edgead(edge8)
                 t3 = time.perf_counter()
                 ta.append((t1 - t0) * 1e3)
                 tb.append((t2 - t1) * 1e3)

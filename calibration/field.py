@@ -15,12 +15,13 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from runtime.artifact import ArtifactError, read_sidecar, sidecar_path, write_sidecar
+from runtime.artifact import (ArtifactError, GaussianInfo, Normalization, ScoreSpec, Thresholds, read_sidecar,
+                              sidecar_path, write_sidecar)
 from runtime.model import Model
 
 from . import fitting
@@ -53,6 +54,18 @@ def iter_images(source: str, max_images: int | None = None) -> Iterable[np.ndarr
             src.close()
     except SourceError as e:
         raise CalibrationError(f"{e}; pass a folder of good images, a video file or camera:N") from e
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    """Lists of up to n consecutive items (itertools.batched needs Python 3.12; JetPack has 3.10)."""
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def check_frame(frame: np.ndarray, expected: list[int] | None, where: str) -> None:
@@ -88,28 +101,23 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
                                "re-export it with `python -m export onnx`")
     expected = model.sidecar.provenance.get("source_shape")
     feats, st, ae = [], [], []
-    buf: list[np.ndarray] = []
 
-    def flush():
-        out = model.infer(model.prepare(buf))
+    def checked():
+        for i, f in enumerate(frames):
+            check_frame(f, expected, f"image {i}")
+            yield f
+
+    for chunk in batched(tqdm(checked(), desc=desc, leave=False), batch):
+        out = model.infer(model.prepare(chunk))
         feats.append(out["features"])
         st.append(out["map_st_raw"][:, 0])
         ae.append(out["map_ae_raw"][:, 0])
-        buf.clear()
-
-    for i, f in enumerate(tqdm(frames, desc=desc, leave=False)):
-        check_frame(f, expected, f"image {i}")
-        buf.append(f)
-        if len(buf) == batch:
-            flush()
-    if buf:
-        flush()
     if not feats:
         raise CalibrationError("no images were read")
     return Collected(np.concatenate(feats), np.concatenate(st), np.concatenate(ae))
 
 
-def picturable_from_maps(map_st: np.ndarray, map_ae: np.ndarray, norm) -> np.ndarray:
+def picturable_from_maps(map_st: np.ndarray, map_ae: np.ndarray, norm: Normalization) -> np.ndarray:
     """Same formula as the graph: max over the combined normalized map."""
     a, b, c, d = norm.affine()
     m = (map_st * a + b) + (map_ae * c + d)
@@ -119,10 +127,10 @@ def picturable_from_maps(map_st: np.ndarray, map_ae: np.ndarray, norm) -> np.nda
 @dataclass
 class CalibrationResult:
     constants: dict[str, np.ndarray]
-    normalization: object
-    gaussian: object
-    score: object
-    thresholds: object
+    normalization: Normalization
+    gaussian: GaussianInfo
+    score: ScoreSpec
+    thresholds: Thresholds
     n_images: int
     good_scores: np.ndarray
     defect_scores: np.ndarray | None

@@ -11,21 +11,14 @@ import numpy as np
 from runtime.artifact import atomic_write_text
 from runtime.model import Model
 
-from .field import iter_images
+from .field import batched, iter_images
 from .metrics import auroc
 
 log = logging.getLogger(__name__)
 
 
 def _scores(model: Model, source: str, max_images: int | None) -> np.ndarray:
-    out, buf = [], []
-    for f in iter_images(source, max_images):
-        buf.append(f)
-        if len(buf) == 8:
-            out.append(model.predict(buf).image_score)
-            buf = []
-    if buf:
-        out.append(model.predict(buf).image_score)
+    out = [model.predict(chunk).image_score for chunk in batched(iter_images(source, max_images), 8)]
     return np.concatenate(out) if out else np.empty(0)
 
 

@@ -187,15 +187,17 @@ class Stream:
                            "unpicturable_score": round(float(pred.unpicturable_score[i]), 6),
                            "decision": "NG" if ng else "OK", "latency_ms": round(lat[-1], 3),
                            "model_ms": round(per_frame_model * 1e3, 3)}
+                    view = overlay(frame, pred.anomaly_map[i], score, ng) if self.show or (
+                        ng and self.save_ng is not None) else None  # drawn once, saved and/or shown
                     if ng and self.save_ng is not None:
                         path = self.save_ng / f"ng_{fid:06d}.jpg"
-                        cv2.imwrite(str(path), overlay(frame, pred.anomaly_map[i], score, ng))
+                        cv2.imwrite(str(path), view)
                         rec["saved"] = str(path)
                         summary.ng_saved.append(str(path))
                     if self.sink is not None:
                         self.sink.write(json.dumps(rec) + "\n")
                     if self.show:
-                        cv2.imshow("edgead", overlay(frame, pred.anomaly_map[i], score, ng))
+                        cv2.imshow("edgead", view)
                         if cv2.waitKey(1) & 0xFF in (27, ord("q")):
                             summary.stopped_by = "user (q)"
                             self.stop()

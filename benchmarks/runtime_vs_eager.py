@@ -101,6 +101,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: all cores)")
     p.add_argument("--results", default=None)
     p.add_argument("--no-stream", action="store_true")
+    p.add_argument("--int8", action="store_true", help="also time edgead's INT8 export (CPU recipe, teacher fp32 "
+                   "unless --int8-teacher) in the same alternating loop")
+    p.add_argument("--int8-teacher", action="store_true", help="with --int8: quantize the teacher too")
+    p.add_argument("--calib", default=None, help="with --int8: good images for the Q/DQ scales "
+                   "(default: 32 generated synthetic parts)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import os
@@ -121,12 +126,20 @@ def main() -> None:
     torch_model, _ = load_checkpoint(ckpt)
     eager = EagerBaseline(torch_model, blob["normalization"])
     edge = Model(onnx_path)
+    edge8 = None
+    if args.int8:
+        from export.quantize import quantize_qdq
+        from runtime.synthetic import write_dataset
+
+        calib = args.calib or str(write_dataset(work / "calib", size=256, n_train=32, n_test_good=0, n_per_defect=0,
+                                                defects=()) / "train" / "good")
+        edge8 = Model(quantize_qdq(onnx_path, work / "model_int8.onnx", calib, quantize_teacher=args.int8_teacher))
     frame = test_frame()
     jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
 
-    def edge_e2e():
+    def edge_e2e(model=edge):
         img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-        p_ = edge.predict([img])
+        p_ = model.predict([img])
         return p_.anomaly_map[0], float(p_.image_score[0]), bool(p_.is_ng[0])
 
     # same answer first
@@ -137,7 +150,9 @@ def main() -> None:
     for _ in range(3):
         eager(jpeg)
         edge_e2e()
-    t_eager, t_edge, t_model = [], [], []
+        if edge8 is not None:
+            edge_e2e(edge8)
+    t_eager, t_edge, t_model, t_int8 = [], [], [], []
     prepared = edge.prepare([frame])
     for _ in range(args.iters):  # alternate A/B over the same frame
         t0 = time.perf_counter()
@@ -147,6 +162,9 @@ def main() -> None:
         t2 = time.perf_counter()
         edge.infer(prepared)
         t3 = time.perf_counter()
+        if edge8 is not None:
+            edge_e2e(edge8)
+            t_int8.append((time.perf_counter() - t3) * 1e3)
         t_eager.append((t1 - t0) * 1e3)
         t_edge.append((t2 - t1) * 1e3)
         t_model.append((t3 - t2) * 1e3)
@@ -158,9 +176,18 @@ def main() -> None:
         "speedup_end_to_end_p50": round(np.median(t_eager) / np.median(t_edge), 3),
         "edgead_fps_end_to_end": round(1e3 / np.median(t_edge), 2), "agreement": agree,
     }
+    if edge8 is not None:
+        res["edgead_int8_onnxruntime_end_to_end"] = percentiles(t_int8)
+        res["int8_speedup_end_to_end_p50"] = round(float(np.median(t_eager) / np.median(t_int8)), 3)
+        res["int8"] = {"teacher_quantized": args.int8_teacher, "calibration_images": args.calib or "generated",
+                       "note": "speed of this network's INT8 graph; INT8 accuracy is measured on trained models by "
+                               "benchmarks/int8_accuracy.py"}
     if not args.no_stream:
         res["stream_1080p"] = stream_overhead(onnx_path, work)
-    path = write_result(f"runtime_vs_eager_{args.variant}.json", res, args.results)
+        if edge8 is not None:
+            res["stream_1080p_int8"] = stream_overhead(work / "model_int8.onnx", work)
+    suffix = ("_int8_all" if args.int8_teacher else "_int8") if args.int8 else ""
+    path = write_result(f"runtime_vs_eager_{args.variant}{suffix}.json", res, args.results)
     print(json.dumps(res, indent=2))
     print(f"wrote {path}")
 

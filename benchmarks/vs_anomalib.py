@@ -127,7 +127,10 @@ def main() -> None:
                 case.update({"edgead_int8_qdq_onnxruntime": percentiles(tc),
                              "edgead_int8_images_per_s": round(b * 1e3 / float(np.median(tc)), 2),
                              "int8_speedup_p50": round(float(np.median(ta) / np.median(tc)), 3),
-                             "int8_note": "INT8 Q/DQ of fresh weights: speed only; INT8 accuracy of a trained S is not measured here"})
+                             "int8_recipe": "export.quantize target=cpu (uint8 activations, int8 per-channel weights), teacher "
+                                            + ("int8" if args.int8_teacher else "fp32"),
+                             "int8_note": "INT8 Q/DQ of fresh weights: speed only; INT8 accuracy on a trained model is "
+                                          "measured by benchmarks/int8_accuracy.py"})
             report["cases"].append(case)
             log.info("%s b=%d anomalib %.1f ms, edgead %.1f ms, x%.2f", size, b, np.median(ta), np.median(tb),
                      case["speedup_p50"])

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-simplify", action="store_true")
     o.add_argument("--int8", action="store_true", help="also write OUT with Q/DQ nodes (explicit INT8) from --calib-images")
     o.add_argument("--calib-images", help="folder of good images for INT8 Q/DQ calibration")
+    o.add_argument("--int8-target", choices=["cpu", "tensorrt"], default="cpu",
+                   help="with --int8: cpu = uint8 activations for ONNX Runtime on CPUs (default, fastest there); "
+                   "tensorrt = symmetric int8, the form TensorRT's explicit quantization accepts")
     o.add_argument("--int8-teacher", action="store_true", help="with --int8: quantize the teacher too (faster on CPU; "
                    "check accuracy, the teacher's std normalization amplifies rounding)")
     t = sub.add_parser("torch", help="checkpoint -> model.pt2 (torch.export) for the runtime's torch backend")
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 fp32 = Path(args.out).with_name(Path(args.out).stem + ".fp32.onnx")
                 export_onnx(args.checkpoint, fp32, batch=args.batch, opset=args.opset, simplify=not args.no_simplify)
-                out = quantize_qdq(fp32, args.out, args.calib_images, quantize_teacher=args.int8_teacher)
+                out = quantize_qdq(fp32, args.out, args.calib_images, quantize_teacher=args.int8_teacher,
+                                   target=args.int8_target)
                 # int8 noise moves the pooled features: refit the Gaussian and quantiles on the quantized graph
                 from calibration.field import calibrate
 
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 from .quantize import quantize_qdq
 
-                src = quantize_qdq(args.onnx, Path(args.out).with_suffix(".qdq.onnx"), args.calib_images)
+                src = quantize_qdq(args.onnx, Path(args.out).with_suffix(".qdq.onnx"), args.calib_images,
+                                   target="tensorrt")
                 args.int8 = True
             out = build_engine(src, args.out, fp16=args.fp16, int8=args.int8, workspace_gb=args.workspace,
                                max_batch=args.max_batch)

@@ -1,11 +1,22 @@
 """INT8 by explicit quantization: insert Q/DQ nodes from calibration images.
 
-TensorRT 10 deprecates implicit INT8 calibrators; it builds INT8 engines from ONNX
-graphs that carry QuantizeLinear/DequantizeLinear pairs. We insert them with ONNX
-Runtime's static quantizer in QDQ format (symmetric, per-channel weights, as TensorRT
-expects), only around the convolutions: pre/post-processing and the PUAD statistics stay
-fp32 so calibration can still rewrite them. The Q/DQ graph also runs in ONNX Runtime,
-which is how it is tested where TensorRT is absent.
+Two recipes, because the two engines want different Q/DQ graphs:
+
+- ``target="cpu"`` (ONNX Runtime on x86/ARM CPUs, the default): uint8 *asymmetric*
+  activations and int8 symmetric per-channel weights. ORT runs that as U8S8 integer
+  convolutions (AVX512-VNNI / AVX2 / ARM dot-product kernels); its S8S8 path is far slower
+  on x86 (measured on the 2-core AMD EPYC, EfficientAD-S: 150 ms U8S8 vs 288 ms S8S8 vs
+  417 ms fp32). Post-ReLU activations are non-negative, so uint8 with a free zero point
+  also keeps a full 8 bits where symmetric int8 keeps 7. ReLU and average pooling are
+  quantized too, so activations stay integer from one convolution to the next.
+- ``target="tensorrt"``: int8 *symmetric* activations and weights (zero point 0, the only
+  form TensorRT's explicit quantization accepts), Q/DQ around convolutions only;
+  TensorRT fuses the rest itself.
+
+Pre/post-processing and the PUAD statistics stay fp32 either way, so calibration can still
+rewrite them. The frozen teacher stays fp32 unless ``quantize_teacher``: its features are
+divided by small per-channel stds, which amplifies rounding (check the parity figures of
+your model before switching it on; ``benchmarks/int8_accuracy.py`` measures both).
 """
 from __future__ import annotations
 
@@ -19,6 +30,8 @@ from runtime.dataset import list_images, read_image
 from runtime.preprocess import batch_frames
 
 log = logging.getLogger(__name__)
+
+TARGETS = ("cpu", "tensorrt")
 
 
 class _Reader:
@@ -42,18 +55,26 @@ class _Reader:
         self.i = 0
 
 
-def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Path, max_images: int = 64,
-                 quantize_teacher: bool = False) -> Path:
-    """fp32 ONNX + calibration images -> Q/DQ ONNX (+ sidecar, precision "int8-qdq").
+def _recipe(target: str) -> dict:
+    from onnxruntime.quantization import QuantType
 
-    The frozen teacher stays fp32 by default: its features are divided by small per-channel
-    stds, so INT8 rounding there dominates the map error (measured on the test model:
-    mean map error 0.020 with a quantized teacher).
-    """
+    if target == "cpu":
+        return {"activation_type": QuantType.QUInt8, "op_types_to_quantize": ["Conv", "Relu", "AveragePool"],
+                "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": 99.99}}
+    if target == "tensorrt":
+        return {"activation_type": QuantType.QInt8, "op_types_to_quantize": ["Conv"],
+                "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.99}}
+    raise ArtifactError(f"INT8 target {target!r}: choose one of {', '.join(TARGETS)}")
+
+
+def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Path, max_images: int = 64,
+                 quantize_teacher: bool = False, target: str = "cpu") -> Path:
+    """fp32 ONNX + calibration images -> Q/DQ ONNX (+ sidecar, precision "int8-qdq")."""
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     except ImportError as e:
         raise ArtifactError("INT8 export needs onnxruntime's quantization tools; `pip install onnxruntime`") from e
+    recipe = _recipe(target)
     model_path, out = Path(model_path), Path(out)
     sc = read_sidecar(model_path)
     if sc.precision != "fp32":
@@ -65,19 +86,19 @@ def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Pa
     import onnx
 
     graph = onnx.load(str(model_path))
-    exclude = [] if quantize_teacher else [n.name for n in graph.graph.node if n.op_type == "Conv" and "/teacher/" in n.name]
+    exclude = [] if quantize_teacher else [n.name for n in graph.graph.node if "/teacher/" in n.name]
     if not quantize_teacher and not exclude:
         log.warning("no teacher nodes found by name; quantizing every convolution")
     tmp = out.with_name(out.name + ".partial")
-    quantize_static(str(model_path), str(tmp), _Reader(files, sc.input.height, sc.input.width, "frames", batch),
-                    quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
-                    nodes_to_exclude=exclude,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.Percentile,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.99})
-    tmp.replace(out)
+    try:
+        quantize_static(str(model_path), str(tmp), _Reader(files, sc.input.height, sc.input.width, "frames", batch),
+                        quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=exclude,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Percentile, **recipe)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     sc.precision = "int8-qdq"
     sc.provenance["int8"] = {"calibration_images": str(calib_images), "n": len(files), "method": "percentile 99.99",
-                             "teacher_quantized": quantize_teacher or not exclude}
+                             "target": target, "teacher_quantized": quantize_teacher or not exclude}
     write_sidecar(out, sc)
     return out

@@ -22,16 +22,19 @@ log = logging.getLogger(__name__)
 
 def build_engine(onnx_path: str | Path, out: str | Path, fp16: bool = False, int8: bool = False,
                  workspace_gb: float = 4.0, max_batch: int = 32) -> Path:
+    onnx_path, out = Path(onnx_path), Path(out)
+    sc = read_sidecar(onnx_path)
+    if int8 and sc.precision != "int8-qdq":
+        raise ArtifactError(f"{onnx_path}: --int8 needs a Q/DQ graph; run `python -m export onnx ... --int8 "
+                            "--calib-images DIR --int8-target tensorrt` first (explicit quantization)")
+    if int8 and sc.provenance.get("int8", {}).get("target", "tensorrt") != "tensorrt":
+        raise ArtifactError(f"{onnx_path}: this Q/DQ graph uses the CPU recipe (asymmetric uint8 activations), which "
+                            "TensorRT rejects; re-export with `--int8-target tensorrt` or pass --calib-images here")
     try:
         import tensorrt as trt
     except ImportError as e:
         raise BackendUnavailable("TensorRT is not installed here; build engines on the target machine "
                                  "(`pip install edgead[tensorrt]`, or JetPack on Jetson)") from e
-    onnx_path, out = Path(onnx_path), Path(out)
-    sc = read_sidecar(onnx_path)
-    if int8 and sc.precision != "int8-qdq":
-        raise ArtifactError(f"{onnx_path}: --int8 needs a Q/DQ graph; run `python -m export onnx ... --int8 "
-                            "--calib-images DIR` first (explicit quantization)")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10

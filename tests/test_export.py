@@ -82,15 +82,35 @@ def test_fixed_batch_model_splits_and_pads(onnx_model, test_frames):
     assert out["image_score"].shape == (3,)
 
 
-def test_int8_qdq_runs_in_onnxruntime(tmp_path, trained, synthetic_root, test_frames):
+@pytest.mark.parametrize("target", ["cpu", "tensorrt"])
+def test_int8_qdq_runs_in_onnxruntime(tmp_path, trained, synthetic_root, test_frames, target):
+    from onnx import numpy_helper
+
     from calibration.field import calibrate
     from export.quantize import quantize_qdq
 
     frames, labels = test_frames
     fp32 = export_onnx(trained, tmp_path / "f.onnx")
-    q = quantize_qdq(fp32, tmp_path / "q.onnx", synthetic_root / "train" / "good")
+    q = quantize_qdq(fp32, tmp_path / "q.onnx", synthetic_root / "train" / "good", target=target)
     g = onnx.load(str(q))
-    assert sum(n.op_type == "QuantizeLinear" for n in g.graph.node) >= 5
+    qnodes = [n for n in g.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(qnodes) >= 5
+    inits = {i.name: numpy_helper.to_array(i) for i in g.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in qnodes if len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points
+    if target == "tensorrt":  # TensorRT accepts symmetric int8 only: zero point 0
+        assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    else:  # ONNX Runtime's fast x86 path: uint8 activations; TensorRT would reject it, and says so before building
+        assert all(z.dtype == np.uint8 for z in zero_points)
+        from export.tensorrt_build import build_engine
+
+        with pytest.raises(ArtifactError, match="int8-target tensorrt"):
+            build_engine(q, tmp_path / "q.engine", int8=True)
+    dq_outputs = {n.output[0] for n in g.graph.node if n.op_type == "DequantizeLinear"}
+    teacher_convs = [n for n in g.graph.node if n.op_type == "Conv" and "/teacher/" in n.name]
+    assert teacher_convs and not any(n.input[1] in dq_outputs for n in teacher_convs)  # teacher stays fp32
+    assert any(n.input[1] in dq_outputs for n in g.graph.node if n.op_type == "Conv")  # the rest is int8
+    assert read_sidecar(q).provenance["int8"]["target"] == target
     calibrate(q, str(synthetic_root / "train" / "good"))  # constants refit on the quantized graph
     calibrate(fp32, str(synthetic_root / "train" / "good"))  # same procedure on fp32, for a like-for-like comparison
     a, b = Model(fp32, warmup=0).infer(frames), Model(q, warmup=0).infer(frames)

@@ -3,9 +3,9 @@
 Pieces, in the order of the paper:
 
 - teacher: frozen network whose features define "normal". The paper distils a PDN
-  from WideResNet-101; those weights are not obtainable here, so the teacher is either
-  the frozen ImageNet EfficientNet-Lite0 trunk (``LiteTeacher``) or a PDN distilled
-  from it (``PDN`` + ``train.distill``);
+  from WideResNet-101 on ImageNet; neither is obtainable here, so the teacher is the frozen
+  ImageNet EfficientNet-Lite trunk (``LiteTeacher``, Lite2 by default). An untrained ``PDN``
+  teacher exists only to time the paper's network shape (no distillation: no ImageNet);
 - student: PDN that predicts the teacher (first C channels) and the autoencoder (last C);
 - autoencoder: sees the whole image through a 1x1 bottleneck, so it models the layout;
 - map normalization: quantiles q_a/q_b of both maps on held-out good images -> 0/0.1;

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -69,7 +70,10 @@ def main() -> None:
     report = {"anomalib": anomalib.__version__, "onnxruntime": ort.__version__, "cases": []}
     for size in args.sizes:
         a_path = anomalib_onnx(size, work)
-        sess = ort.InferenceSession(str(a_path), providers=["CPUExecutionProvider"])
+        so = ort.SessionOptions()  # the same session settings edgead's runtime uses (no spin-waiting threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # that would slow the other side)
+        so.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("EDGEAD_ORT_SPIN", "0"))
+        sess = ort.InferenceSession(str(a_path), so, providers=["CPUExecutionProvider"])
         a_in = sess.get_inputs()[0]
         log.info("anomalib %s input %s %s", size, a_in.name, a_in.shape)
         for b in args.batches:

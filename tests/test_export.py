@@ -161,3 +161,13 @@ def test_torch_program_backend_matches_onnx(tmp_path, trained, onnx_model, test_
     b = Model(onnx_model, warmup=0).infer(frames[:4])
     for k in KEYS:
         assert np.abs(a[k] - b[k]).max() <= 1e-4 * max(1.0, np.abs(b[k]).max()), k
+
+
+def test_onnxruntime_workers_do_not_spin_by_default(onnx_model, monkeypatch):
+    """Spinning ORT workers steal the cores a stream's decode thread (and a benchmark's other side) needs."""
+    monkeypatch.delenv("EDGEAD_ORT_SPIN", raising=False)
+    opts = Model(onnx_model, warmup=0).backend.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    monkeypatch.setenv("EDGEAD_ORT_SPIN", "1")
+    opts = Model(onnx_model, warmup=0).backend.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import write_result
-from benchmarks.speed_models import build, checkpoint, count_gflops
+from benchmarks.speed_models import build, checkpoint, count_gflops, synthetic_good_images
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,8 @@ class EagerBaseline:
         return amap[0, 0].numpy(), score, score >= self.threshold
 
 
-def stream_overhead(model_path: Path, work: Path, n: int = 60) -> dict:
-    """Stream a 1920x1080 video through runtime.stream (block policy: every frame) and report overhead."""
-    from runtime.model import Model
-    from runtime.sources import CaptureSource
-    from runtime.stream import Stream
+def line_video(work: Path, n: int = 60) -> Path:
+    """A 1920x1080 MJPG video of the synthetic conveyor (what a line camera records)."""
     from runtime.synthetic import conveyor_frames
 
     video = work / "line_1080p.avi"
@@ -85,6 +82,15 @@ def stream_overhead(model_path: Path, work: Path, n: int = 60) -> dict:
     for f, _ in conveyor_frames(n, size=512, seed=1, frame_size=(1920, 1080)):
         w.write(f)
     w.release()
+    return video
+
+
+def stream_overhead(model_path: Path, video: Path) -> dict:
+    """Stream ``video`` through runtime.stream (block policy: every frame) and report overhead."""
+    from runtime.model import Model
+    from runtime.sources import CaptureSource
+    from runtime.stream import Stream
+
     model = Model(model_path)
     summary = Stream(model, CaptureSource(str(video), "video"), sink=None).run()
     return {"frames": summary.frames_scored, "fps": summary.fps, "model_ms_mean": summary.model_ms_mean,
@@ -129,10 +135,8 @@ def main() -> None:
     edge8 = None
     if args.int8:
         from export.quantize import quantize_qdq
-        from runtime.synthetic import write_dataset
 
-        calib = args.calib or str(write_dataset(work / "calib", size=256, n_train=32, n_test_good=0, n_per_defect=0,
-                                                defects=()) / "train" / "good")
+        calib = args.calib or synthetic_good_images(work / "calib", 32)
         edge8 = Model(quantize_qdq(onnx_path, work / "model_int8.onnx", calib, quantize_teacher=args.int8_teacher))
     frame = test_frame()
     jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
@@ -183,9 +187,10 @@ def main() -> None:
                        "note": "speed of this network's INT8 graph; INT8 accuracy is measured on trained models by "
                                "benchmarks/int8_accuracy.py"}
     if not args.no_stream:
-        res["stream_1080p"] = stream_overhead(onnx_path, work)
+        video = line_video(work)
+        res["stream_1080p"] = stream_overhead(onnx_path, video)
         if edge8 is not None:
-            res["stream_1080p_int8"] = stream_overhead(work / "model_int8.onnx", work)
+            res["stream_1080p_int8"] = stream_overhead(edge8.path, video)
     suffix = ("_int8_all" if args.int8_teacher else "_int8") if args.int8 else ""
     path = write_result(f"runtime_vs_eager_{args.variant}{suffix}.json", res, args.results)
     print(json.dumps(res, indent=2))

@@ -65,3 +65,10 @@ def count_gflops(model, image_size: int = 256) -> float:
     for h in hs:
         h.remove()
     return total[0] / 1e9
+
+
+def synthetic_good_images(folder: Path, n: int, size: int = 256) -> Path:
+    """A folder of ``n`` generated good parts: INT8 calibration images for fresh-weight speed runs."""
+    from runtime.synthetic import write_dataset
+
+    return write_dataset(folder, size=size, n_train=n, n_test_good=0, n_per_defect=0, defects=()) / "train" / "good"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +60,8 @@ def main() -> None:
     import anomalib
     import onnxruntime as ort
 
+    from benchmarks.speed_models import synthetic_good_images
+    from runtime.backends.onnxruntime_backend import session_options
     from runtime.bench import percentiles, test_frame
     from runtime.model import Model
 
@@ -68,26 +69,25 @@ def main() -> None:
     frame = test_frame()
     jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
     report = {"anomalib": anomalib.__version__, "onnxruntime": ort.__version__, "cases": []}
+    calib = synthetic_good_images(work / "calib", 16) if args.int8 else None
     for size in args.sizes:
         a_path = anomalib_onnx(size, work)
-        so = ort.SessionOptions()  # the same session settings edgead's runtime uses (no spin-waiting threads
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # that would slow the other side)
-        so.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("EDGEAD_ORT_SPIN", "0"))
-        sess = ort.InferenceSession(str(a_path), so, providers=["CPUExecutionProvider"])
+        # the same session settings as edgead's runtime (no spin-waiting threads slowing the other side)
+        sess = ort.InferenceSession(str(a_path), session_options(), providers=["CPUExecutionProvider"])
         a_in = sess.get_inputs()[0]
         log.info("anomalib %s input %s %s", size, a_in.name, a_in.shape)
         for b in args.batches:
+            if isinstance(a_in.shape[0], int) and a_in.shape[0] != b:
+                log.warning("anomalib graph has fixed batch %s; skipping batch %d", a_in.shape[0], b)
+                continue
             b_path = edgead_onnx(size, work, b)
             edge = Model(b_path)
             edge8 = None
-            if args.int8:
+            if calib is not None:
                 from export.quantize import quantize_qdq
-                from runtime.synthetic import write_dataset
 
-                calib = write_dataset(work / "calib", size=256, n_train=16, n_test_good=0, n_per_defect=0, defects=())
-                edge8 = Model(quantize_qdq(b_path, work / f"edgead_{size}_{b}_int8.onnx", calib / "train" / "good",
+                edge8 = Model(quantize_qdq(b_path, work / f"edgead_{size}_{b}_int8.onnx", calib,
                                            quantize_teacher=args.int8_teacher))
-
 
             def run_anomalib():
                 imgs = []
@@ -103,9 +103,6 @@ def main() -> None:
                 frames = [cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) for _ in range(b)]
                 return model.predict(frames).is_ng
 
-            if isinstance(a_in.shape[0], int) and a_in.shape[0] != b:
-                log.warning("anomalib graph has fixed batch %s; skipping batch %d", a_in.shape[0], b)
-                continue
             for _ in range(3):
                 run_anomalib()
                 run_edgead()

@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.field import calibrate, collect, compute, iter_images
+from calibration.field import calibrate, collect, iter_images
 from calibration.fitting import CalibrationError, fit_gaussian, required_images, threshold_at_fpr
 from runtime.artifact import read_sidecar, sidecar_path
 from runtime.model import Model

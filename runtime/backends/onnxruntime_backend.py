@@ -18,6 +18,23 @@ PROVIDERS = {
 }
 
 
+def session_options(threads: int | None = None):
+    """The session settings every edgead ONNX Runtime session uses (benchmarks give other graphs the same)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads or os.environ.get("EDGEAD_THREADS"):
+        opts.intra_op_num_threads = int(threads or os.environ["EDGEAD_THREADS"])
+    # ORT's worker threads spin-wait after each run by default. On a small CPU that burns the cores the
+    # capture/decode thread (or any other process) needs next: measured on 2 cores, a PyTorch model run
+    # right after an ORT run took 104 ms instead of 59. Off unless EDGEAD_ORT_SPIN=1 (~8 % lower
+    # model-only latency when nothing else runs).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("EDGEAD_ORT_SPIN", "0"))
+    return opts
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -40,16 +57,7 @@ class OnnxRuntimeBackend(Backend):
             if PROVIDERS[dev][0] not in available:
                 raise BackendUnavailable(f"onnxruntime has no {PROVIDERS[dev][0]} here (available: {available}); "
                                          "install onnxruntime-gpu or choose --device cpu")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if threads or os.environ.get("EDGEAD_THREADS"):
-            opts.intra_op_num_threads = int(threads or os.environ["EDGEAD_THREADS"])
-        # ORT's worker threads spin-wait after each run by default. On a small CPU that burns the cores the
-        # capture/decode thread (or any other process) needs next: measured on 2 cores, a PyTorch model run
-        # right after an ORT run took 104 ms instead of 59. Off unless EDGEAD_ORT_SPIN=1 (~8 % lower
-        # model-only latency when nothing else runs).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("EDGEAD_ORT_SPIN", "0"))
+        opts = session_options(threads)
         providers = [p for p in PROVIDERS[dev] if p in available]
         if dev == "tensorrt":
             cache = os.path.join(os.path.dirname(os.path.abspath(model_path)), ".trt_cache")

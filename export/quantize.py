@@ -86,8 +86,10 @@ def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Pa
     import onnx
 
     graph = onnx.load(str(model_path))
-    exclude = [] if quantize_teacher else [n.name for n in graph.graph.node if "/teacher/" in n.name]
-    if not quantize_teacher and not exclude:
+    teacher = [n.name for n in graph.graph.node if "/teacher/" in n.name]
+    # the map smoothing filters the final map: 8-bit steps there would show up as score noise
+    exclude = [n.name for n in graph.graph.node if "/map_smoothing/" in n.name] + ([] if quantize_teacher else teacher)
+    if not quantize_teacher and not teacher:
         log.warning("no teacher nodes found by name; quantizing every convolution")
     tmp = out.with_name(out.name + ".partial")
     try:
@@ -99,6 +101,6 @@ def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Pa
         tmp.unlink(missing_ok=True)
     sc.precision = "int8-qdq"
     sc.provenance["int8"] = {"calibration_images": str(calib_images), "n": len(files), "method": "percentile 99.99",
-                             "target": target, "teacher_quantized": quantize_teacher or not exclude}
+                             "target": target, "teacher_quantized": quantize_teacher or not teacher}
     write_sidecar(out, sc)
     return out

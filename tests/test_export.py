@@ -109,6 +109,8 @@ def test_int8_qdq_runs_in_onnxruntime(tmp_path, trained, synthetic_root, test_fr
     dq_outputs = {n.output[0] for n in g.graph.node if n.op_type == "DequantizeLinear"}
     teacher_convs = [n for n in g.graph.node if n.op_type == "Conv" and "/teacher/" in n.name]
     assert teacher_convs and not any(n.input[1] in dq_outputs for n in teacher_convs)  # teacher stays fp32
+    smoothing = [n for n in g.graph.node if n.op_type == "Conv" and "/map_smoothing/" in n.name]
+    assert smoothing and not any(i in dq_outputs for n in smoothing for i in n.input)  # final map stays fp32
     assert any(n.input[1] in dq_outputs for n in g.graph.node if n.op_type == "Conv")  # the rest is int8
     assert read_sidecar(q).provenance["int8"]["target"] == target
     calibrate(q, str(synthetic_root / "train" / "good"))  # constants refit on the quantized graph

@@ -34,6 +34,34 @@ def test_paper_sizes_at_256():
         assert m.autoencoder(x).shape == (1, 384, 56, 56)
 
 
+def test_map_smoothing_is_a_normalized_gaussian():
+    from train.models.efficientad import EfficientADConfig, MapSmoothing
+
+    sm = MapSmoothing(1.0, (16, 16))
+    flat = torch.full((1, 1, 16, 16), 0.3)
+    assert torch.allclose(sm(flat), flat, atol=1e-6)  # constants pass: commutes with the quantile shift
+    peak = torch.zeros(1, 1, 16, 16)
+    peak[0, 0, 8, 8] = 1.0
+    out = sm(peak)
+    assert out.shape == peak.shape and abs(float(out.sum()) - 1.0) < 1e-5
+    assert out[0, 0, 8, 8] == out.max() and 0.1 < float(out[0, 0, 8, 8]) < 0.2 and out[0, 0, 8, 9] > 0  # 1/(2*pi)
+    assert torch.equal(MapSmoothing(0.0, (16, 16))(peak), peak)
+    # checkpoints from before smoothing existed keep their maps unchanged
+    assert EfficientADConfig.from_dict({"name": "efficientad_lite"}).map_blur_px == 0.0
+    assert EfficientADConfig().map_blur_px > 0
+
+
+def test_cpu_bf16_autocast_step_trains(tmp_path, synthetic_root):
+    """--amp on CPU: bf16 autocast with the cached teacher targets still lowers the loss."""
+    cfg = TrainConfig(data=str(synthetic_root), out=str(tmp_path), image_size=IMAGE_SIZE, steps=50, seed=1,
+                      save_every=0, amp=True)
+    ckpt = train(cfg)
+    hist = [json.loads(l) for l in open(ckpt.parent / "train_log.jsonl")]
+    assert hist[-1]["loss"] < 0.9 * hist[0]["loss"], hist
+    model, _ = load_checkpoint(ckpt)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
+
+
 def test_loss_decreases_and_defects_score_higher(trained, synthetic_root):
     blob = torch.load(trained, weights_only=True)
     assert blob["format"] == "edgead-checkpoint/1"

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--puad-weight", type=float, default=0.5, help="weight of the unpicturable (Gaussian) score")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the first OK/NG threshold")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast: on CUDA, and ~2x faster on CPUs with AVX512-BF16/AMX")
     p.add_argument("--evaluate", action="store_true", help="after training, report metrics on DATA/test")
     p.add_argument("-v", "--verbose", action="store_true")
     return p

@@ -52,7 +52,8 @@ class TrainConfig:
     device: str = "cpu"
     save_every: int = 5000
     pretrained: bool = True
-    amp: bool = False  # bf16 autocast on CUDA
+    amp: bool = False  # bf16 autocast (CUDA, or CPUs with AVX512-BF16/AMX): ~2x faster training on such CPUs
+    teacher_cache_bytes: int = 1 << 30  # cache teacher features of the (unaugmented) training images up to this size
     model_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"teacher": "lite0"} for s/m
     stop_at: int | None = None  # stop resumably after this step (split a long run; resume with --resume)
 
@@ -152,24 +153,49 @@ def calibrate_model(model: EfficientAD, fit_frames: np.ndarray, val_frames: np.n
             "score": dataclasses.asdict(spec), "thresholds": dataclasses.asdict(thr)}
 
 
-def _losses(model: EfficientAD, rgb: torch.Tensor, gen: torch.Generator, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    c = model.channels
+@torch.no_grad()
+def teacher_cache(model: EfficientAD, frames: np.ndarray, device: str, budget_bytes: int) -> torch.Tensor | None:
+    """Normalized fp32 teacher features of every training image, or None if over budget.
+
+    The paper feeds the student/teacher pair the unaugmented image, so its teacher target
+    never changes: computing it once removes one of the two teacher passes per step
+    (the teacher is the most expensive network of the Lite models). Exact, fp32, no autocast.
+    """
+    c, (h, w) = model.channels, model.grid
+    size = len(frames) * c * h * w * 4
+    if size > budget_bytes:
+        log.info("teacher cache would take %.0f MiB (budget %.0f MiB): computing teacher targets every step",
+                 size / 2 ** 20, budget_bytes / 2 ** 20)
+        return None
+    feats = [model.teacher_features(model.preprocess(torch.from_numpy(b).to(device))) for b in _batches(frames, 16)]
+    return torch.cat(feats).contiguous()
+
+
+def _losses(model: EfficientAD, rgb: torch.Tensor, gen: torch.Generator, cfg: TrainConfig,
+            t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The four EfficientAD losses for one batch of RGB [0,255] training images.
+
+    ``t``: cached teacher features of ``rgb`` (see ``teacher_cache``). The student has no
+    batch statistics, so its three inputs (image, penalty image, augmented image) run
+    as one batch: the same result as three calls, with less per-call overhead.
+    """
+    c, n = model.channels, rgb.shape[0]
     x = model.normalize(rgb)
-    t = model.teacher_features(x)
-    s = model.student(x)
-    d = (t - s[:, :c]) ** 2
-    d_hard = torch.quantile(d.flatten()[: 2 ** 24], cfg.hard_quantile)  # torch.quantile caps at 2^24 elements
-    loss_hard = torch.mean(d[d >= d_hard])
-    losses = {"hard": loss_hard}
-    if cfg.penalty:
-        p = model.student(model.normalize(penalty_images(rgb, gen)))
-        losses["penalty"] = torch.mean(p[:, :c] ** 2)
+    if t is None:
+        t = model.teacher_features(x)
     xa = model.normalize(color_jitter(rgb, gen))
+    parts = [x, xa] + ([model.normalize(penalty_images(rgb, gen))] if cfg.penalty else [])
+    s_all = model.student(torch.cat(parts).contiguous(memory_format=torch.channels_last))
+    s, sa = s_all[:n], s_all[n:2 * n, c:]
+    d = (t - s[:, :c].float()) ** 2
+    d_hard = torch.quantile(d.flatten()[: 2 ** 24], cfg.hard_quantile)  # torch.quantile caps at 2^24 elements
+    losses = {"hard": torch.mean(d[d >= d_hard])}
+    if cfg.penalty:
+        losses["penalty"] = torch.mean(s_all[2 * n:, :c].float() ** 2)
     ta = model.teacher_features(xa)
-    a = model.autoencoder(xa)
-    sa = model.student(xa)[:, c:]
+    a = model.autoencoder(xa).float()
     losses["ae"] = torch.mean((ta - a) ** 2)
-    losses["st_ae"] = torch.mean((a - sa) ** 2)
+    losses["st_ae"] = torch.mean((a - sa.float()) ** 2)
     return losses
 
 
@@ -210,17 +236,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         teacher_statistics(model, fit_frames, device)
 
     frames_dev = torch.from_numpy(fit_frames).to(device)
+    cached = teacher_cache(model, fit_frames, device, cfg.teacher_cache_bytes)
+    model.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and CUDA
     t0 = time.time()
     model.train()
     log_path = out / "train_log.jsonl"
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", dynamic_ncols=True)
     history, window = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda"))
+    autocast = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16, enabled=cfg.amp)
     while step < cfg.steps:
-        idx = torch.randint(len(frames_dev), (cfg.batch_size,), generator=gen)
-        rgb = model.to_rgb(frames_dev[idx.to(frames_dev.device)])
+        idx = torch.randint(len(frames_dev), (cfg.batch_size,), generator=gen).to(frames_dev.device)
+        rgb = model.to_rgb(frames_dev[idx])
         with autocast:
-            losses = _losses(model, rgb, gen, cfg)
+            losses = _losses(model, rgb, gen, cfg, None if cached is None else cached[idx])
             loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()

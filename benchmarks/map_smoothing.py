@@ -8,6 +8,8 @@ is recalibrated on the checkpoint's own validation split (the score normalizatio
 depends on the smoothed map) and evaluated on DATA/test with the standard metrics.
 No retraining: smoothing is a fixed filter after the networks. On synthetic datasets
 with a manifest, the structural/logical family AUROCs are reported as well.
+``--puad-weights`` also sweeps the weight of the unpicturable score in the PUAD mix
+(recalibrated the same way): the trade-off between logical and structural defects.
 """
 from __future__ import annotations
 
@@ -21,46 +23,65 @@ import numpy as np
 from benchmarks.common import write_result
 
 
+def load_for_recalibration(checkpoint: str, data: str):
+    """Model, checkpoint blob, the run's own fit/validation frames, and defect families (or None)."""
+    from runtime.dataset import open_dataset
+    from train.data import load_frames, split_train_validation
+    from train.loop import load_checkpoint
+
+    model, blob = load_checkpoint(checkpoint)
+    ds = open_dataset(data, require_test=False)
+    fit_paths, val_paths = split_train_validation(ds, int(blob["train"]["seed"]))
+    size = model.cfg.image_size
+    fit, val = load_frames(fit_paths, size, "train images"), load_frames(val_paths, size, "validation images")
+    manifest = Path(data) / "manifest.json"
+    families = json.loads(manifest.read_text()) if manifest.is_file() else None
+    return model, blob, fit, val, families
+
+
+def evaluate_recalibrated(model, data: str, device: str, fit, val, sigma: float, puad_weight: float,
+                          target_fpr: float, families: dict | None) -> dict:
+    """Set the smoothing, recalibrate every constant on the run's own split, evaluate on DATA/test."""
+    from train.evaluate import evaluate_model
+    from train.loop import calibrate_model
+    from train.models.efficientad import MapSmoothing
+
+    model.map_smoothing = MapSmoothing(sigma * model.grid[0] / 256, model.grid)
+    model.to(device)
+    calibrate_model(model, fit, val, device, puad_weight, target_fpr)
+    m = evaluate_model(model, data, device)
+    row = {"sigma_px_at_256": sigma, "puad_weight": puad_weight,
+           **{f"efficientad_{k}": m["efficientad"][k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
+           "puad_image_auroc": m["puad"]["image_auroc"]}
+    if families:
+        for name in ("efficientad", "puad"):
+            per = m[name]["per_defect_auroc"]
+            for fam in ("structural", "logical"):
+                row[f"{name}_{fam}_auroc"] = float(np.mean([per[d] for d in families[fam]]))
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="MVTec-layout folder the checkpoint was trained on")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0, 4, 8, 12])
+    p.add_argument("--puad-weights", type=float, nargs="+", default=None,
+                   help="weights of the unpicturable score to try (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--name", default=None, help="result file name (default map_smoothing_<data>.json)")
     p.add_argument("--results", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from runtime.dataset import open_dataset
-    from train.data import load_frames, split_train_validation
-    from train.evaluate import evaluate_model
-    from train.loop import calibrate_model, load_checkpoint
-    from train.models.efficientad import MapSmoothing
-
-    model, blob = load_checkpoint(args.checkpoint)
+    model, blob, fit, val, families = load_for_recalibration(args.checkpoint, args.data)
     tcfg = blob["train"]
-    ds = open_dataset(args.data, require_test=False)
-    fit_paths, val_paths = split_train_validation(ds, int(tcfg["seed"]))
-    size = model.cfg.image_size
-    fit, val = load_frames(fit_paths, size, "train images"), load_frames(val_paths, size, "validation images")
-    manifest = Path(args.data) / "manifest.json"
-    families = json.loads(manifest.read_text()) if manifest.is_file() else None
     rows = []
     for sigma in args.sigmas:
-        model.map_smoothing = MapSmoothing(sigma * model.grid[0] / 256, model.grid).to(args.device)
-        model.to(args.device)
-        calibrate_model(model, fit, val, args.device, float(tcfg["puad_weight"]), float(tcfg["target_fpr"]))
-        m = evaluate_model(model, args.data, args.device)
-        row = {"sigma_px_at_256": sigma,
-               **{f"efficientad_{k}": m["efficientad"][k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
-               "puad_image_auroc": m["puad"]["image_auroc"]}
-        if families:
-            for name in ("efficientad", "puad"):
-                per = m[name]["per_defect_auroc"]
-                for fam in ("structural", "logical"):
-                    row[f"{name}_{fam}_auroc"] = float(np.mean([per[d] for d in families[fam]]))
-        logging.info("%s", row)
-        rows.append(row)
+        for w in args.puad_weights or [float(tcfg["puad_weight"])]:
+            row = evaluate_recalibrated(model, args.data, args.device, fit, val, sigma, w, float(tcfg["target_fpr"]),
+                                        families)
+            logging.info("%s", row)
+            rows.append(row)
     name = args.name or f"map_smoothing_{Path(args.data).name}.json"
     path = write_result(name, {"checkpoint": str(args.checkpoint), "checkpoint_config": blob["config"],
                                "train_steps": tcfg["steps"], "batch_size": tcfg["batch_size"], "rows": rows},

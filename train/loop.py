@@ -243,6 +243,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     log_path = out / "train_log.jsonl"
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", dynamic_ncols=True)
     history, window = [], []
+    if cfg.amp and not device.startswith("cuda") and not _cpu_has_bf16():
+        log.warning("--amp on a CPU without native bf16 (AVX512-BF16/AMX): it will likely train slower; drop --amp")
     autocast = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16, enabled=cfg.amp)
     while step < cfg.steps:
         idx = torch.randint(len(frames_dev), (cfg.batch_size,), generator=gen).to(frames_dev.device)
@@ -288,6 +290,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         last.unlink()
     log.info("wrote %s (%.1fs training)", ckpt, train_seconds)
     return ckpt
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (else bf16 autocast is emulated and slow)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _save_resume(path: Path, model, opt, sched, gen, step: int) -> None:

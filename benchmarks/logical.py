@@ -18,6 +18,16 @@ import numpy as np
 from benchmarks.common import write_result
 
 
+def family_aurocs(metrics: dict, manifest: dict, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Mean per-defect image AUROC of each family ("structural", "logical") for each score name.
+
+    ``metrics``: ``train.evaluate.evaluate_model`` output; ``manifest``: the synthetic dataset's
+    manifest.json, which lists the defect types of each family.
+    """
+    return {name: {fam: float(np.mean([metrics[name]["per_defect_auroc"][d] for d in manifest[fam]]))
+                   for fam in ("structural", "logical")} for name in names}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8750)
@@ -41,16 +51,11 @@ def main() -> None:
     data = write_dataset(work / args.product, size=args.image_size, n_train=200, n_test_good=60, n_per_defect=25,
                          seed=args.seed, product=args.product)
     manifest = _json.loads((data / "manifest.json").read_text())
-    STRUCTURAL, LOGICAL = manifest["structural"], manifest["logical"]
     ckpt = train(TrainConfig(data=str(data), out=str(work / f"run_{args.product}"), steps=args.steps, batch_size=args.batch_size,
                              device=args.device, image_size=args.image_size, seed=args.seed))
     model, blob = load_checkpoint(ckpt)
     m = evaluate_model(model, str(data), args.device)
-    fam = {}
-    for name in ("efficientad", "puad", "gaussian_only"):
-        per = m[name]["per_defect_auroc"]
-        fam[name] = {"structural": float(np.mean([per[d] for d in STRUCTURAL])),
-                     "logical": float(np.mean([per[d] for d in LOGICAL]))}
+    fam = family_aurocs(m, manifest, ("efficientad", "puad", "gaussian_only"))
     payload = {"product": args.product, "steps": args.steps, "batch_size": args.batch_size, "train_seconds": blob["train"]["train_seconds"],
                "families": fam, "metrics": m,
                "puad_minus_efficientad": {k: fam["puad"][k] - fam["efficientad"][k] for k in ("structural", "logical")}}

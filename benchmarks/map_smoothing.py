@@ -18,8 +18,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import write_result
 
 
@@ -42,22 +40,19 @@ def load_for_recalibration(checkpoint: str, data: str):
 def evaluate_recalibrated(model, data: str, device: str, fit, val, sigma: float, puad_weight: float,
                           target_fpr: float, families: dict | None) -> dict:
     """Set the smoothing, recalibrate every constant on the run's own split, evaluate on DATA/test."""
+    from benchmarks.logical import family_aurocs
     from train.evaluate import evaluate_model
     from train.loop import calibrate_model
-    from train.models.efficientad import MapSmoothing
 
-    model.map_smoothing = MapSmoothing(sigma * model.grid[0] / 256, model.grid)
-    model.to(device)
+    model.to(device).set_map_smoothing(sigma)
     calibrate_model(model, fit, val, device, puad_weight, target_fpr)
     m = evaluate_model(model, data, device)
     row = {"sigma_px_at_256": sigma, "puad_weight": puad_weight,
            **{f"efficientad_{k}": m["efficientad"][k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
            "puad_image_auroc": m["puad"]["image_auroc"]}
     if families:
-        for name in ("efficientad", "puad"):
-            per = m[name]["per_defect_auroc"]
-            for fam in ("structural", "logical"):
-                row[f"{name}_{fam}_auroc"] = float(np.mean([per[d] for d in families[fam]]))
+        for name, fams in family_aurocs(m, families, ("efficientad", "puad")).items():
+            row.update({f"{name}_{fam}_auroc": v for fam, v in fams.items()})
     return row
 
 

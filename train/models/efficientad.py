@@ -259,8 +259,6 @@ class EfficientAD(nn.Module):
         else:
             raise ValueError(f"student {cfg.student!r}: choose s, m or strided")
         self.autoencoder = AutoEncoder(c, grid, cfg.decoder_sizes, cfg.image_size)
-        # sigma given at the 256 px reference scale; the map grid covers the image ~uniformly
-        self.map_smoothing = MapSmoothing(cfg.map_blur_px * grid[0] / 256, grid)
         rgb_index = [2, 1, 0] if cfg.color_order == "BGR" else [0, 1, 2]
         self.register_buffer("channel_index", torch.tensor(rgb_index), persistent=False)
         self.register_buffer("input_mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
@@ -278,6 +276,7 @@ class EfficientAD(nn.Module):
         self.register_buffer("score_center", torch.zeros(2))
         self.register_buffer("score_weight", torch.tensor([0.5, 0.5]))
         self.register_buffer("calibrated", torch.tensor(False))
+        self.set_map_smoothing(cfg.map_blur_px)
 
     # -- pieces used by training -------------------------------------------------
     def to_rgb(self, frames: torch.Tensor) -> torch.Tensor:
@@ -341,6 +340,15 @@ class EfficientAD(nn.Module):
             "map_st_raw": map_st,
             "map_ae_raw": map_ae,
         }
+
+    def set_map_smoothing(self, blur_px: float) -> None:
+        """Smoothing sigma in input pixels at the 256 px reference scale (0 = off); kept in cfg.
+
+        The map grid covers the image about uniformly, so pixels convert to grid cells by
+        the grid-to-256 ratio. Re-calibrate afterwards: the image score depends on it.
+        """
+        self.cfg.map_blur_px = float(blur_px)
+        self.map_smoothing = MapSmoothing(blur_px * self.grid[0] / 256, self.grid).to(self.input_mean.device)
 
     # -- constants -------------------------------------------------------------
     def set_calibration(self, st_scale, st_shift, ae_scale, ae_shift, gaussian_mean, gaussian_whitener,

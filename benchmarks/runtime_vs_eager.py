@@ -69,7 +69,8 @@ class EagerBaseline:
         picturable = float(amap.max())
         f = torch.mean(s[:, :c], dim=(2, 3))[0].numpy().astype(np.float64) - self.mu
         unpicturable = float(np.sqrt(f @ self.precision @ f))
-        score = float(((np.array([picturable, unpicturable]) - self.center) * self.weight).sum())
+        d = (np.array([picturable, unpicturable]) - self.center) * self.weight
+        score = float(d[0] + max(d[1], 0.0))
         return amap[0, 0].numpy(), score, score >= self.threshold
 
 

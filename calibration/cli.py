@@ -9,7 +9,7 @@ import sys
 from runtime.artifact import ArtifactError
 from runtime.dataset import DatasetError
 
-from .fitting import CalibrationError
+from .fitting import KEEP_GATE, CalibrationError, parse_gate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate on good images (default 0.01)")
     f.add_argument("--max-images", type=int, help="use at most this many images per source")
     f.add_argument("--puad-weight", type=float, help="weight of the unpicturable score (default: keep the model's)")
+    f.add_argument("--puad-gate", type=parse_gate, default=KEEP_GATE, metavar="Z|none",
+                   help="z above which the unpicturable score counts; none: plain sum (default: keep the model's)")
     f.add_argument("--dry-run", action="store_true", help="compute and print, change nothing")
     r = sub.add_parser("report", help="score images with the model as deployed; statistics and a histogram PNG")
     r.add_argument("--model", required=True)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             from .field import calibrate, summary
 
             res = calibrate(args.model, args.good, args.defects, args.target_fpr, args.max_images, args.puad_weight,
-                            dry_run=args.dry_run)
+                            dry_run=args.dry_run, puad_gate=args.puad_gate)
             print(json.dumps(summary(res), indent=2))
         else:
             from .report import report

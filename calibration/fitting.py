@@ -5,11 +5,25 @@ so both produce the same constants from the same data.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.artifact import GaussianInfo, Normalization, ScoreSpec, Thresholds
+
+
+KEEP_GATE = "keep"  # "leave the model's PUAD gate as it is" (None already means "no gate")
+
+
+def parse_gate(text: str) -> float | None:
+    """CLI value of ``--puad-gate``: a number of standard deviations, or none/off for the plain sum."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of standard deviations (e.g. 2) or none") from None
 
 
 class CalibrationError(ValueError):
@@ -80,25 +94,40 @@ def map_quantiles(st_maps: np.ndarray, ae_maps: np.ndarray, qa: float = 0.9, qb:
     return Normalization(float(q_st[0]), float(q_st[1]), float(q_ae[0]), float(q_ae[1]), qa, qb, n)
 
 
-def score_normalization(picturable: np.ndarray, unpicturable: np.ndarray, weight: float = 0.5) -> ScoreSpec:
-    """z-normalize both scores on good images; the PUAD weight mixes them."""
+def score_normalization(picturable: np.ndarray, unpicturable: np.ndarray, weight: float = 0.5,
+                        gate: float | None = None) -> ScoreSpec:
+    """z-normalize both scores on good images; the PUAD weight mixes them, the gate (in
+    standard deviations, ``None`` = plain sum) says where the unpicturable score starts to count."""
     if not 0.0 <= weight <= 1.0:
         raise CalibrationError(f"PUAD weight {weight} must lie in [0, 1]")
+    if gate is not None and not np.isfinite(gate):
+        raise CalibrationError(f"PUAD gate {gate} must be a finite number of standard deviations (or none)")
     p, u = np.asarray(picturable, np.float64), np.asarray(unpicturable, np.float64)
-    return ScoreSpec(float(p.mean()), float(max(p.std(), 1e-6)), float(u.mean()), float(max(u.std(), 1e-6)), weight)
+    return ScoreSpec(float(p.mean()), float(max(p.std(), 1e-6)), float(u.mean()), float(max(u.std(), 1e-6)), weight,
+                     None if gate is None else float(gate))
 
 
 def score_constants(spec: ScoreSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(score_center [2], score_weight [2]) as the graph uses them."""
-    center = np.array([spec.picturable_mean, spec.unpicturable_mean])
+    """(score_center [2], score_weight [2]) as the graph uses them:
+    image = d_p + max(d_u, 0) with d = (score - center) * weight.
+
+    The gate moves the unpicturable centre to mean + gate * std. Without a gate the centre
+    is 0: a Mahalanobis distance is never negative, so max(d_u, 0) = d_u and the graph
+    computes the plain weighted sum (shifted by a constant the threshold absorbs).
+    """
+    gate = spec.puad_gate
+    u_center = 0.0 if gate is None else spec.unpicturable_mean + gate * spec.unpicturable_std
+    center = np.array([spec.picturable_mean, u_center])
     weight = np.array([(1 - spec.puad_weight) / spec.picturable_std, spec.puad_weight / spec.unpicturable_std])
     return center, weight
 
 
 def combine_scores(picturable: np.ndarray, unpicturable: np.ndarray, spec: ScoreSpec) -> np.ndarray:
+    """The graph's image score, in numpy (see ``score_constants``)."""
     center, weight = score_constants(spec)
     both = np.stack([np.asarray(picturable, np.float64), np.asarray(unpicturable, np.float64)], 1)
-    return ((both - center) * weight).sum(1)
+    d = (both - center) * weight
+    return d[:, 0] + np.maximum(d[:, 1], 0.0)
 
 
 def threshold_at_fpr(good_scores: np.ndarray, target_fpr: float) -> Thresholds:

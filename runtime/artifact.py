@@ -31,7 +31,7 @@ OUTPUT_MEANINGS: dict[str, str] = {
     "anomaly_map": "float32 [N,1,H,W], quantile-normalized combined map at input size; 0 ~ q_a, 0.1 ~ q_b of good images",
     "picturable_score": "float32 [N], EfficientAD image score (max of the normalized map)",
     "unpicturable_score": "float32 [N], Mahalanobis distance of pooled student features to the good-image Gaussian",
-    "image_score": "float32 [N], PUAD score: weighted sum of both scores after z-normalization on good images",
+    "image_score": "float32 [N], PUAD score: (1-w) z_p + w max(z_u - gate, 0) of both scores z-normalized on good images",
     "features": "float32 [N,D], pooled student features (for field calibration of the Gaussian)",
     "map_st_raw": "float32 [N,1,h,w], raw student-teacher map before quantile normalization",
     "map_ae_raw": "float32 [N,1,h,w], raw student-autoencoder map before quantile normalization",
@@ -106,13 +106,20 @@ class GaussianInfo:
 
 @dataclass
 class ScoreSpec:
-    """PUAD score combination: z = (s - center) / spread, image = (1-w) z_p + w z_u."""
+    """PUAD score combination: z = (s - mean) / std, image = (1-w) z_p + w max(z_u - gate, 0).
+
+    The gate lets the unpicturable (Gaussian) score count only beyond ``gate`` standard
+    deviations of good images, so its noise on ordinary parts does not blur the picturable
+    score on structural defects. ``None`` is the PUAD paper's plain sum (1-w) z_p + w z_u
+    (up to a constant): what sidecars written before the gate existed mean.
+    """
 
     picturable_mean: float = 0.0
     picturable_std: float = 1.0
     unpicturable_mean: float = 0.0
     unpicturable_std: float = 1.0
     puad_weight: float = 0.5
+    puad_gate: float | None = None
 
 
 @dataclass

@@ -259,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-good", type=int, default=20)
     p.add_argument("--per-defect", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--product", choices=["board", "tray"], default="board",
+                   help="board: fixed layout (default); tray: random layouts with count defects")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    print(write_dataset(a.out, a.size, a.train, a.test_good, a.per_defect, a.seed))
+    print(write_dataset(a.out, a.size, a.train, a.test_good, a.per_defect, a.seed, product=a.product))
     return 0
 
 

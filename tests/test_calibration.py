@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from calibration.field import calibrate, collect, iter_images
-from calibration.fitting import CalibrationError, fit_gaussian, required_images, threshold_at_fpr
+from calibration.fitting import (CalibrationError, combine_scores, fit_gaussian, parse_gate, required_images,
+                                 score_normalization, threshold_at_fpr)
 from runtime.artifact import read_sidecar, sidecar_path
 from runtime.model import Model
 
@@ -88,6 +89,34 @@ def test_degenerate_and_small_feature_sets():
     assert required_images(152) == 19
     t = threshold_at_fpr(np.arange(100.0), 0.05)
     assert t.expected_fpr <= 0.05 and (np.arange(100.0) >= t.image).sum() == 5
+
+
+def test_puad_gate_counts_the_gaussian_score_only_beyond_the_gate():
+    rng = np.random.default_rng(0)
+    p, u = rng.gamma(4, 1, 200), rng.gamma(9, 1, 200)  # good images: both scores positive
+    plain = score_normalization(p, u, 0.5, None)
+    zp, zu = (p - p.mean()) / p.std(), (u - u.mean()) / u.std()
+    s = combine_scores(p, u, plain)  # the paper's sum, up to one constant
+    np.testing.assert_allclose(s - s[0], (0.5 * zp + 0.5 * zu) - (0.5 * zp[0] + 0.5 * zu[0]), atol=1e-9)
+    gated = score_normalization(p, u, 0.5, 2.0)
+    g = combine_scores(p, u, gated)
+    below = zu <= 2.0
+    assert below.any() and (~below).any()
+    np.testing.assert_allclose(g[below], 0.5 * zp[below], atol=1e-9)  # ordinary parts: picturable score alone
+    np.testing.assert_allclose(g[~below], 0.5 * zp[~below] + 0.5 * (zu[~below] - 2.0), atol=1e-9)
+    assert parse_gate("none") is None and parse_gate("1.5") == 1.5
+    with pytest.raises(Exception, match="standard deviations"):
+        parse_gate("two")
+    with pytest.raises(CalibrationError, match="gate"):
+        score_normalization(p, u, 0.5, float("inf"))
+
+
+def test_calibration_can_switch_the_gate(model_copy, synthetic_root):
+    assert read_sidecar(model_copy).score.puad_gate == 2.0  # training's default
+    res = calibrate(model_copy, str(synthetic_root / "train" / "good"), puad_gate=None, dry_run=True)
+    assert res.score.puad_gate is None and res.constants["score_center"][1] == 0.0
+    kept = calibrate(model_copy, str(synthetic_root / "train" / "good"), dry_run=True)
+    assert kept.score.puad_gate == 2.0 and kept.constants["score_center"][1] > 0
 
 
 def test_model_without_feature_output_is_refused(tmp_path, onnx_model):

@@ -75,8 +75,16 @@ def test_loss_decreases_and_defects_score_higher(trained, synthetic_root):
     ds = open_dataset(synthetic_root)
     frames = load_frames([s.path for s in ds.test], IMAGE_SIZE)
     labels = np.array([s.label for s in ds.test])
-    out = run_outputs(model, frames, "cpu", keys=("image_score",))
+    out = run_outputs(model, frames, "cpu", keys=("image_score", "picturable_score", "unpicturable_score"))
     assert out["image_score"][labels == 1].mean() > out["image_score"][labels == 0].mean()
+    # the graph's gated PUAD score is the one calibration computes in numpy
+    from calibration.fitting import combine_scores
+    from runtime.artifact import ScoreSpec
+
+    spec = ScoreSpec(**blob["score"])
+    assert spec.puad_gate == 2.0
+    ref = combine_scores(out["picturable_score"], out["unpicturable_score"], spec)
+    np.testing.assert_allclose(out["image_score"], ref, rtol=1e-4, atol=1e-4)
 
 
 def test_reproducible_with_seed_and_resumable(tmp_path, synthetic_root):

@@ -47,6 +47,7 @@ class TrainConfig:
     hard_quantile: float = 0.999
     penalty: bool = True
     puad_weight: float = 0.5
+    puad_gate: float | None = 2.0  # z of the Gaussian score where it starts to count (None: paper's plain sum)
     target_fpr: float = 0.01
     seed: int = 0
     device: str = "cpu"
@@ -135,7 +136,7 @@ def run_outputs(model: EfficientAD, frames: np.ndarray, device: str, batch: int 
 
 
 def calibrate_model(model: EfficientAD, fit_frames: np.ndarray, val_frames: np.ndarray, device: str,
-                    puad_weight: float = 0.5, target_fpr: float = 0.01) -> dict:
+                    puad_weight: float = 0.5, target_fpr: float = 0.01, puad_gate: float | None = 2.0) -> dict:
     """First calibration: quantiles, Gaussian, score normalization, threshold. Returns sidecar parts."""
     out_val = run_outputs(model, val_frames, device, keys=("map_st_raw", "map_ae_raw"))
     norm = fitting.map_quantiles(out_val["map_st_raw"], out_val["map_ae_raw"])
@@ -144,7 +145,7 @@ def calibrate_model(model: EfficientAD, fit_frames: np.ndarray, val_frames: np.n
     st_scale, st_shift, ae_scale, ae_shift = norm.affine()
     model.set_calibration(st_scale, st_shift, ae_scale, ae_shift, g.mean, g.whitener, [0, 0], [0.5, 0.5])
     out = run_outputs(model, val_frames, device, keys=("picturable_score", "unpicturable_score"))
-    spec = fitting.score_normalization(out["picturable_score"], out["unpicturable_score"], puad_weight)
+    spec = fitting.score_normalization(out["picturable_score"], out["unpicturable_score"], puad_weight, puad_gate)
     center, weight = fitting.score_constants(spec)
     model.set_calibration(st_scale, st_shift, ae_scale, ae_shift, g.mean, g.whitener, center, weight)
     scores = run_outputs(model, val_frames, device, keys=("image_score",))["image_score"]
@@ -274,7 +275,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     bar.close()
     train_seconds = time.time() - t0
     model.eval()
-    parts = calibrate_model(model, fit_frames, val_frames, device, cfg.puad_weight, cfg.target_fpr)
+    parts = calibrate_model(model, fit_frames, val_frames, device, cfg.puad_weight, cfg.target_fpr, cfg.puad_gate)
     with open(log_path, "w") as f:
         for h in history:
             f.write(json.dumps(h) + "\n")

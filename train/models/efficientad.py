@@ -11,7 +11,8 @@ Pieces, in the order of the paper:
 - map normalization: quantiles q_a/q_b of both maps on held-out good images -> 0/0.1;
 - PUAD: Mahalanobis distance of globally pooled student features to a Gaussian of good
   images catches "unpicturable" (logical) anomalies; both scores are z-normalized on
-  good images and mixed with weight w.
+  good images and mixed with weight w; the Gaussian score counts only beyond a gate
+  (z_u > 2 by default), so it adds no noise to ordinary parts.
 
 ``EfficientAD.forward`` is the deployed graph: it takes raw uint8 NHWC frames in the
 colour order of the artifact and returns every output the runtime knows
@@ -330,7 +331,8 @@ class EfficientAD(nn.Module):
         z = torch.matmul(pooled - self.gaussian_mean, self.gaussian_whitener)
         unpicturable = torch.sqrt(torch.sum(z * z, dim=1) + 1e-12)
         both = torch.stack([picturable, unpicturable], dim=1)
-        image_score = torch.sum((both - self.score_center) * self.score_weight, dim=1)
+        d = (both - self.score_center) * self.score_weight  # gated PUAD sum, see calibration.fitting.score_constants
+        image_score = d[:, 0] + torch.relu(d[:, 1])
         return {
             "anomaly_map": anomaly_map,
             "picturable_score": picturable,

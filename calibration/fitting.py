@@ -17,7 +17,10 @@ KEEP_GATE = "keep"  # "leave the model's PUAD gate as it is" (None already means
 
 
 def parse_gate(text: str) -> float | None:
-    """CLI value of ``--puad-gate``: a number of standard deviations, or none/off for the plain sum."""
+    """CLI value of ``--puad-gate``: a number of standard deviations, none/off for the plain sum,
+    or keep (the model's own gate; argparse runs string defaults through this too)."""
+    if text == KEEP_GATE:
+        return KEEP_GATE
     if text.strip().lower() in ("none", "off"):
         return None
     try:

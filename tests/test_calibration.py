@@ -117,6 +117,11 @@ def test_calibration_can_switch_the_gate(model_copy, synthetic_root):
     assert res.score.puad_gate is None and res.constants["score_center"][1] == 0.0
     kept = calibrate(model_copy, str(synthetic_root / "train" / "good"), dry_run=True)
     assert kept.score.puad_gate == 2.0 and kept.constants["score_center"][1] > 0
+    from calibration.cli import main  # the CLI's default keeps the model's gate
+
+    assert main(["fit", "--model", str(model_copy), "--good", str(synthetic_root / "train" / "good"), "--dry-run"]) == 0
+    assert main(["fit", "--model", str(model_copy), "--good", str(synthetic_root / "train" / "good"), "--dry-run",
+                 "--puad-gate", "none"]) == 0
 
 
 def test_model_without_feature_output_is_refused(tmp_path, onnx_model):

@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 
 from benchmarks.common import write_result
-from calibration.fitting import parse_gate
+from calibration.fitting import DEFAULT_PUAD_GATE, parse_gate
 
 
 def load_for_recalibration(checkpoint: str, data: str, eval_data: str | None = None):
@@ -46,7 +46,8 @@ def load_for_recalibration(checkpoint: str, data: str, eval_data: str | None = N
 
 
 def evaluate_recalibrated(model, data: str, device: str, fit, val, sigma: float, puad_weight: float,
-                          target_fpr: float, families: dict | None, puad_gate: float | None = 2.0) -> dict:
+                          target_fpr: float, families: dict | None,
+                          puad_gate: float | None = DEFAULT_PUAD_GATE) -> dict:
     """Set the smoothing, recalibrate every constant on the run's own split, evaluate on data/test."""
     from benchmarks.logical import family_aurocs
     from train.evaluate import evaluate_model

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import write_result
 from benchmarks.speed_models import build, checkpoint, count_gflops, synthetic_good_images
+from calibration.fitting import gated_sum
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ class EagerBaseline:
         picturable = float(amap.max())
         f = torch.mean(s[:, :c], dim=(2, 3))[0].numpy().astype(np.float64) - self.mu
         unpicturable = float(np.sqrt(f @ self.precision @ f))
-        d = (np.array([picturable, unpicturable]) - self.center) * self.weight
-        score = float(d[0] + max(d[1], 0.0))
+        score = float(gated_sum(picturable, unpicturable, self.center, self.weight)[0])
         return amap[0, 0].numpy(), score, score >= self.threshold
 
 

@@ -138,7 +138,7 @@ class CalibrationResult:
 
 def compute(model: Model, good: Collected, defects: Collected | None = None, target_fpr: float = 0.01,
             puad_weight: float | None = None, estimator: str = "ledoit_wolf",
-            puad_gate: float | None | str = fitting.KEEP_GATE) -> CalibrationResult:
+            puad_gate: float | None | object = fitting.KEEP_GATE) -> CalibrationResult:
     n = len(good.features)
     need = fitting.required_images(good.features.shape[1])
     if n < 2 * need:  # 2-fold: each half must carry a Gaussian
@@ -155,7 +155,7 @@ def compute(model: Model, good: Collected, defects: Collected | None = None, tar
         unpic[b] = fitting.mahalanobis(good.features[b], g)
     g_all = fitting.fit_gaussian(good.features, estimator)
     w = model.sidecar.score.puad_weight if puad_weight is None else puad_weight
-    gate = model.sidecar.score.puad_gate if puad_gate == fitting.KEEP_GATE else puad_gate
+    gate = model.sidecar.score.puad_gate if puad_gate is fitting.KEEP_GATE else puad_gate
     spec = fitting.score_normalization(pic, unpic, w, gate)
     good_scores = fitting.combine_scores(pic, unpic, spec)
     defect_scores = None
@@ -226,7 +226,7 @@ def apply(model_path: str | Path, result: CalibrationResult, source: str, backup
 
 def calibrate(model_path: str | Path, good: str, defects: str | None = None, target_fpr: float = 0.01,
               max_images: int | None = None, puad_weight: float | None = None, dry_run: bool = False,
-              puad_gate: float | None | str = fitting.KEEP_GATE) -> CalibrationResult:
+              puad_gate: float | None | object = fitting.KEEP_GATE) -> CalibrationResult:
     model = Model(model_path, warmup=0)
     g = collect(model, iter_images(good, max_images))
     d = collect(model, iter_images(defects, max_images), desc="defect images") if defects else None

@@ -13,14 +13,14 @@ import numpy as np
 from runtime.artifact import GaussianInfo, Normalization, ScoreSpec, Thresholds
 
 
-KEEP_GATE = "keep"  # "leave the model's PUAD gate as it is" (None already means "no gate")
+DEFAULT_PUAD_GATE = 2.0  # z of the Gaussian score where it starts to count (chosen on held-out data)
+# "leave the model's PUAD gate as it is" (None already means "no gate"). Not a string, so
+# argparse hands it through as a default instead of parsing it.
+KEEP_GATE = object()
 
 
 def parse_gate(text: str) -> float | None:
-    """CLI value of ``--puad-gate``: a number of standard deviations, none/off for the plain sum,
-    or keep (the model's own gate; argparse runs string defaults through this too)."""
-    if text == KEEP_GATE:
-        return KEEP_GATE
+    """CLI value of ``--puad-gate``: a number of standard deviations, or none/off for the plain sum."""
     if text.strip().lower() in ("none", "off"):
         return None
     try:
@@ -125,12 +125,17 @@ def score_constants(spec: ScoreSpec) -> tuple[np.ndarray, np.ndarray]:
     return center, weight
 
 
-def combine_scores(picturable: np.ndarray, unpicturable: np.ndarray, spec: ScoreSpec) -> np.ndarray:
-    """The graph's image score, in numpy (see ``score_constants``)."""
-    center, weight = score_constants(spec)
-    both = np.stack([np.asarray(picturable, np.float64), np.asarray(unpicturable, np.float64)], 1)
-    d = (both - center) * weight
+def gated_sum(picturable, unpicturable, center: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The graph's image score from its two constants, in numpy: d_p + max(d_u, 0)."""
+    both = np.stack([np.atleast_1d(np.asarray(picturable, np.float64)),
+                     np.atleast_1d(np.asarray(unpicturable, np.float64))], 1)
+    d = (both - np.asarray(center, np.float64)) * np.asarray(weight, np.float64)
     return d[:, 0] + np.maximum(d[:, 1], 0.0)
+
+
+def combine_scores(picturable: np.ndarray, unpicturable: np.ndarray, spec: ScoreSpec) -> np.ndarray:
+    """The graph's image score for a score spec (see ``score_constants``)."""
+    return gated_sum(picturable, unpicturable, *score_constants(spec))
 
 
 def threshold_at_fpr(good_scores: np.ndarray, target_fpr: float) -> Thresholds:

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from calibration.fitting import parse_gate
+from calibration.fitting import DEFAULT_PUAD_GATE, parse_gate
 from runtime.artifact import ArtifactError
 from runtime.dataset import DatasetError
 
@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--puad-weight", type=float, default=0.5, help="weight of the unpicturable (Gaussian) score")
-    p.add_argument("--puad-gate", type=parse_gate, default=2.0, metavar="Z|none",
-                   help="the Gaussian score counts only above this z on good images (default 2); none: plain sum")
+    p.add_argument("--puad-gate", type=parse_gate, default=DEFAULT_PUAD_GATE, metavar="Z|none",
+                   help=f"the Gaussian score counts only above this z on good images (default {DEFAULT_PUAD_GATE:g}); "
+                        "none: plain sum")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the first OK/NG threshold")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
     p.add_argument("--amp", action="store_true", help="bf16 autocast: on CUDA, and ~2x faster on CPUs with AVX512-BF16/AMX")

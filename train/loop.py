@@ -47,7 +47,7 @@ class TrainConfig:
     hard_quantile: float = 0.999
     penalty: bool = True
     puad_weight: float = 0.5
-    puad_gate: float | None = 2.0  # z of the Gaussian score where it starts to count (None: paper's plain sum)
+    puad_gate: float | None = fitting.DEFAULT_PUAD_GATE  # None: the PUAD paper's plain sum
     target_fpr: float = 0.01
     seed: int = 0
     device: str = "cpu"
@@ -136,7 +136,8 @@ def run_outputs(model: EfficientAD, frames: np.ndarray, device: str, batch: int 
 
 
 def calibrate_model(model: EfficientAD, fit_frames: np.ndarray, val_frames: np.ndarray, device: str,
-                    puad_weight: float = 0.5, target_fpr: float = 0.01, puad_gate: float | None = 2.0) -> dict:
+                    puad_weight: float = 0.5, target_fpr: float = 0.01,
+                    puad_gate: float | None = fitting.DEFAULT_PUAD_GATE) -> dict:
     """First calibration: quantiles, Gaussian, score normalization, threshold. Returns sidecar parts."""
     out_val = run_outputs(model, val_frames, device, keys=("map_st_raw", "map_ae_raw"))
     norm = fitting.map_quantiles(out_val["map_st_raw"], out_val["map_ae_raw"])

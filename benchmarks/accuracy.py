@@ -23,6 +23,10 @@ def model_kwargs(args) -> dict:
         kw["teacher_out_indices"] = tuple(args.teacher_indices)
     if args.student_width:
         kw["student_width"] = args.student_width
+    if args.student_stride:
+        kw["student_stride"] = args.student_stride
+    if args.teacher_pool:
+        kw["teacher_pool"] = args.teacher_pool
     return kw
 
 
@@ -39,6 +43,12 @@ def main() -> None:
     p.add_argument("--teacher", default=None, help="lite2 (default), lite0, pdn_s, pdn_m")
     p.add_argument("--teacher-indices", type=int, nargs="+", default=None, help="EfficientNet-Lite stages (default 2 3)")
     p.add_argument("--student-width", type=int, default=None, help="real-time student width (default 128)")
+    p.add_argument("--student-stride", type=int, choices=[4, 8], default=None,
+                   help="real-time student stride (default 8; 4 = 64x64 map at 256 px)")
+    p.add_argument("--teacher-pool", type=int, default=None, help="teacher feature averaging window (default 3; 1 = off)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this many steps and save the state (for machines that limit one command's time)")
+    p.add_argument("--resume", action="store_true", help="continue a run stopped with --stop-at (same --work)")
     p.add_argument("--work", default="runs/accuracy", help="folder for the checkpoint")
     p.add_argument("--name", default=None, help="result file name (default accuracy_<data>_<size>.json)")
     p.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
@@ -51,9 +61,12 @@ def main() -> None:
     work = Path(args.work) / f"{Path(args.data).name}_{args.size}"
     cfg = TrainConfig(data=args.data, out=str(work), model=SIZES[args.size], steps=args.steps, device=args.device,
                       image_size=args.image_size, seed=args.seed, amp=args.amp, batch_size=args.batch_size,
-                      model_kwargs=model_kwargs(args))
+                      model_kwargs=model_kwargs(args), stop_at=args.stop_at)
     t0 = time.time()
-    ckpt = train(cfg)
+    ckpt = train(cfg, resume=args.resume)
+    if ckpt.name != "checkpoint.pt":
+        print(f"stopped at step {args.stop_at}: run the same command with --resume (and a later --stop-at) to go on")
+        return
     model, blob = load_checkpoint(ckpt)
     t1 = time.time()
     metrics = evaluate_model(model, args.data, args.device)

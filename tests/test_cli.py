@@ -33,6 +33,22 @@ def test_train_cli_reports_bad_data(tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr
 
 
+def test_train_cli_builds_the_stride4_model(tmp_path, synthetic_root):
+    import torch
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "train", "--data", str(synthetic_root), "--out", str(out), "--steps", "2",
+                        "--image-size", "64", "--student-stride", "4", "--teacher-stages", "1", "2", "3",
+                        "--teacher-pool", "1"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["config"]
+    assert cfg["student_stride"] == 4 and tuple(cfg["teacher_out_indices"]) == (1, 2, 3) and cfg["teacher_pool"] == 1
+    r = subprocess.run([sys.executable, "-m", "train", "--data", str(synthetic_root), "--out", str(tmp_path / "o2"),
+                        "--size", "s", "--student-stride", "4"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--student-stride is for --size lite" in r.stderr
+
+
 def test_export_cli_reports_missing_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "export", "onnx", str(tmp_path / "c.pt"), "--out", str(tmp_path / "m.onnx")],
                        cwd=ROOT, capture_output=True, text=True)

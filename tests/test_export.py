@@ -173,3 +173,18 @@ def test_onnxruntime_workers_do_not_spin_by_default(onnx_model, monkeypatch):
     monkeypatch.setenv("EDGEAD_ORT_SPIN", "1")
     opts = Model(onnx_model, warmup=0).backend.session.get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_stride4_model_exports_with_parity(tmp_path, synthetic_root, test_frames):
+    """The fine (stride-4) student's upsample-and-fuse path survives export unchanged."""
+    from train.loop import TrainConfig, train
+
+    cfg = TrainConfig(data=str(synthetic_root), out=str(tmp_path / "run"), image_size=IMAGE_SIZE, steps=3, seed=0,
+                      save_every=0, model_kwargs={"student_stride": 4, "teacher_out_indices": (1, 2, 3)})
+    ckpt = train(cfg)
+    frames, _ = test_frames
+    ref = _torch_out(ckpt, frames[:4])
+    out = _onnx_out(export_onnx(ckpt, tmp_path / "m.onnx"), frames[:4])
+    assert out["anomaly_map"].shape == ref["anomaly_map"].shape
+    for k in KEYS:
+        assert np.abs(out[k] - ref[k]).max() <= 1e-4 * max(1.0, np.abs(ref[k]).max()), k

@@ -1,5 +1,6 @@
 """Fast-schedule training on synthetic parts (CPU): shapes, loss decrease, ordering, reproducibility."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -24,6 +25,22 @@ def test_shapes(name, grid):
         assert out[k].shape == (2,)
     assert out["features"].shape == (2, c)
     assert "efficientad_lite" in list_models()
+
+
+def test_stride4_student_gives_a_finer_map_and_old_configs_stay_stride8():
+    from train.models.efficientad import EfficientADConfig
+
+    m = create_model("efficientad_lite", image_size=IMAGE_SIZE, pretrained=False, student_stride=4,
+                     teacher_out_indices=(1, 2, 3)).eval()
+    out = m(torch.randint(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8))
+    g = IMAGE_SIZE // 4
+    assert out["map_st_raw"].shape[-2:] == (g, g) and out["map_ae_raw"].shape[-2:] == (g, g)
+    assert out["anomaly_map"].shape == (1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    old = m.cfg.to_dict()
+    old.pop("student_stride")  # checkpoints written before the option
+    assert EfficientADConfig.from_dict(old).student_stride == 8
+    with pytest.raises(ValueError, match="stride"):
+        create_model("efficientad_lite", image_size=IMAGE_SIZE, pretrained=False, student_stride=2)
 
 
 def test_paper_sizes_at_256():
@@ -101,10 +118,13 @@ def test_reproducible_with_seed_and_resumable(tmp_path, synthetic_root):
     cfg = TrainConfig(data=str(synthetic_root), out=str(tmp_path / "c"), image_size=IMAGE_SIZE, steps=10, seed=7,
                       save_every=0, stop_at=4)
     assert train(cfg).name == "last.pt"
+    first = torch.load(tmp_path / "c" / "last.pt", weights_only=False)["train_seconds"]
     cfg.stop_at = None
-    c = torch.load(train(cfg, resume=True), weights_only=True)["state_dict"]
+    blob_c = torch.load(train(cfg, resume=True), weights_only=False)
+    c = blob_c["state_dict"]
     for k in a:
         assert torch.equal(a[k], c[k]), k
+    assert first > 0 and blob_c["train"]["train_seconds"] > first  # both segments counted
     assert not (tmp_path / "c" / "last.pt").exists()
 
 
@@ -113,3 +133,66 @@ def test_bad_data_is_a_clear_error(tmp_path):
 
     with pytest.raises(DatasetError, match="not found"):
         train(TrainConfig(data=str(tmp_path / "nope"), out=str(tmp_path / "o"), steps=1))
+
+
+def test_hard_mean_is_the_mean_above_the_quantile():
+    from train.loop import hard_mean
+
+    g = torch.Generator().manual_seed(0)
+    for n in (10, 1000, 12345):
+        d = torch.rand(n, generator=g)
+        for q in (0.5, 0.9, 0.999):
+            ref = d[d >= torch.quantile(d, q)].mean()
+            assert torch.allclose(hard_mean(d, q), ref), (n, q)
+    d = torch.rand(4, 3, 5, 5, generator=g, requires_grad=True)
+    hard_mean(d, 0.9).backward()
+    assert (d.grad > 0).sum() == 300 - math.ceil(0.9 * 299)  # gradient reaches exactly the hard elements
+
+
+@pytest.mark.parametrize("kw", [{"student_stride": 8}, {"student_stride": 4}, {"size": "s"}])
+def test_student_halves_match_the_full_student(kw):
+    """Training computes only the half of the student's output each input needs; it must be the same numbers."""
+    from train.models.efficientad import head_channels
+
+    kw = dict(kw)
+    name = "efficientad_s" if kw.pop("size", None) == "s" else "efficientad_lite"
+    extra = {"teacher": "pdn_s"} if name == "efficientad_s" else {"pretrained": False}
+    m = create_model(name, image_size=IMAGE_SIZE, **extra, **kw).eval()
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    full = m.student(x)
+    feats = m.student.trunk(x)
+    c = m.channels
+    torch.testing.assert_close(head_channels(m.student, feats, 0, c), full[:, :c])
+    torch.testing.assert_close(head_channels(m.student, feats, c, 2 * c), full[:, c:])
+
+
+def test_hard_loss_matches_hard_mean_with_gradients():
+    from train.loop import hard_loss, hard_mean
+
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(2, 5, 6, 6, generator=g)
+    s1 = torch.randn(2, 5, 6, 6, generator=g, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    a, b = hard_loss(t, s1, 0.95), hard_mean((t - s2) ** 2, 0.95)
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_teacher_pool_option():
+    from train.models.efficientad import EfficientADConfig
+
+    x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    pooled = create_model("efficientad_lite", image_size=IMAGE_SIZE, pretrained=False).eval()
+    raw = create_model("efficientad_lite", image_size=IMAGE_SIZE, pretrained=False, teacher_pool=1).eval()
+    raw.teacher.load_state_dict(pooled.teacher.state_dict())
+    with torch.no_grad():
+        a, b = pooled.teacher(x), raw.teacher(x)
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, torch.nn.functional.avg_pool2d(b, 3, 1, 1, count_include_pad=False))
+    old = pooled.cfg.to_dict()
+    old.pop("teacher_pool")  # checkpoints written before the option kept the 3x3 average
+    assert EfficientADConfig.from_dict(old).teacher_pool == 3
+    with pytest.raises(ValueError, match="odd"):
+        create_model("efficientad_lite", image_size=IMAGE_SIZE, pretrained=False, teacher_pool=2)

@@ -25,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", choices=["lite0", "lite2", "pdn_s", "pdn_m"], default=None,
                    help="teacher (default lite2: frozen ImageNet EfficientNet-Lite2 features; pdn_* are untrained PDNs, "
                         "for speed comparisons only)")
+    p.add_argument("--teacher-stages", type=int, nargs="+", default=None, choices=range(5), metavar="K",
+                   help="EfficientNet-Lite stages the teacher uses (default 2 3; 1 = stride 4, 2 = stride 8, 3 = stride 16)")
+    p.add_argument("--student-stride", type=int, choices=[4, 8], default=None,
+                   help="--size lite only: 8 (default, 32x32 map at 256 px) or 4 (64x64 map: finer localization, "
+                        "about 3x the training and inference cost; pair with --teacher-stages 1 2 3)")
+    p.add_argument("--teacher-pool", type=int, default=None, metavar="K",
+                   help="averaging window of the teacher features in grid cells (default 3; 1 = off: sharper maps, "
+                        "see benchmarks/README.md)")
     p.add_argument("--steps", type=int, default=PAPER_STEPS, help=f"training steps (paper: {PAPER_STEPS})")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--image-size", type=int, default=256)
@@ -54,10 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(data=args.data, out=args.out, model=model, image_size=args.image_size, steps=args.steps,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
                       puad_gate=args.puad_gate, target_fpr=args.target_fpr, amp=args.amp)
+    if args.student_stride and args.size != "lite":
+        print("error: --student-stride is for --size lite (the paper's PDN students have a fixed grid)", file=sys.stderr)
+        return 2
     if args.teacher:
         cfg.model_kwargs = {"teacher": args.teacher}
     elif args.size != "lite":
         cfg.model_kwargs = {"teacher": "lite2"}
+    if args.teacher_stages:
+        cfg.model_kwargs["teacher_out_indices"] = tuple(args.teacher_stages)
+    if args.student_stride:
+        cfg.model_kwargs["student_stride"] = args.student_stride
+    if args.teacher_pool:
+        cfg.model_kwargs["teacher_pool"] = args.teacher_pool
     try:
         ckpt = train(cfg, resume=args.resume)
         if args.evaluate:

@@ -11,12 +11,14 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from calibration import fitting
@@ -25,7 +27,7 @@ from runtime.dataset import open_dataset
 
 from .data import color_jitter, load_frames, penalty_images, split_train_validation
 from .models import create_model
-from .models.efficientad import EfficientAD, build_from_config
+from .models.efficientad import EfficientAD, build_from_config, head_channels
 
 log = logging.getLogger(__name__)
 
@@ -173,31 +175,61 @@ def teacher_cache(model: EfficientAD, frames: np.ndarray, device: str, budget_by
     return torch.cat(feats).contiguous()
 
 
+def hard_mean(d: torch.Tensor, q: float) -> torch.Tensor:
+    """Mean of the elements at or above the q-quantile of ``d`` (the paper's hard-feature loss).
+
+    Those are the top n - ceil(q (n-1)) elements (ties aside), so ``topk`` gives them
+    without sorting: 3x faster than ``torch.quantile`` on the 6M elements of a stride-4
+    batch, and no 2^24-element cap.
+    """
+    flat = d.flatten()
+    return torch.topk(flat, _hard_count(flat.numel(), q), sorted=False).values.mean()
+
+
+def _hard_count(n: int, q: float) -> int:
+    return max(1, n - math.ceil(q * (n - 1)))
+
+
+def hard_loss(t: torch.Tensor, s: torch.Tensor, q: float) -> torch.Tensor:
+    """``hard_mean((t - s)**2, q)`` with the gradient built only for the chosen elements.
+
+    The selection has no gradient anyway; gathering the hard elements first keeps the
+    squared-error backward off the full feature tensor (a large share of a CPU step).
+    """
+    with torch.no_grad():
+        d = ((t - s) ** 2).flatten()
+        idx = torch.topk(d, _hard_count(d.numel(), q), sorted=False).indices
+    where = torch.unravel_index(idx, t.shape)
+    return F.mse_loss(s[where], t[where])
+
+
 def _losses(model: EfficientAD, rgb: torch.Tensor, gen: torch.Generator, cfg: TrainConfig,
             t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The four EfficientAD losses for one batch of RGB [0,255] training images.
 
     ``t``: cached teacher features of ``rgb`` (see ``teacher_cache``). The student has no
     batch statistics, so its three inputs (image, penalty image, augmented image) run
-    as one batch: the same result as three calls, with less per-call overhead.
+    through its trunk as one batch, and its head computes only the half each input
+    needs (``head_channels``): the same losses as three full calls, with less work.
     """
     c, n = model.channels, rgb.shape[0]
     x = model.normalize(rgb)
     if t is None:
         t = model.teacher_features(x)
     xa = model.normalize(color_jitter(rgb, gen))
-    parts = [x, xa] + ([model.normalize(penalty_images(rgb, gen))] if cfg.penalty else [])
-    s_all = model.student(torch.cat(parts).contiguous(memory_format=torch.channels_last))
-    s, sa = s_all[:n], s_all[n:2 * n, c:]
-    d = (t - s[:, :c].float()) ** 2
-    d_hard = torch.quantile(d.flatten()[: 2 ** 24], cfg.hard_quantile)  # torch.quantile caps at 2^24 elements
-    losses = {"hard": torch.mean(d[d >= d_hard])}
+    to_teacher = [x] + ([model.normalize(penalty_images(rgb, gen))] if cfg.penalty else [])
+    student = model.student
+    feats = student.trunk(torch.cat(to_teacher + [xa]).contiguous(memory_format=torch.channels_last))
+    f_teacher, f_ae = torch.split(feats, [len(to_teacher) * n, n])
+    s_teacher = head_channels(student, f_teacher, 0, c).float()
+    sa = head_channels(student, f_ae, c, 2 * c).float()
+    losses = {"hard": hard_loss(t, s_teacher[:n], cfg.hard_quantile)}
     if cfg.penalty:
-        losses["penalty"] = torch.mean(s_all[2 * n:, :c].float() ** 2)
+        losses["penalty"] = torch.mean(torch.square(s_teacher[n:]))
     ta = model.teacher_features(xa)
     a = model.autoencoder(xa).float()
-    losses["ae"] = torch.mean((ta - a) ** 2)
-    losses["st_ae"] = torch.mean((a - sa.float()) ** 2)
+    losses["ae"] = F.mse_loss(a, ta)  # fused forward and backward: less memory traffic than (a - ta) ** 2
+    losses["st_ae"] = F.mse_loss(sa, a)
     return losses
 
 
@@ -224,6 +256,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * cfg.steps)), gamma=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
+    seconds_before = 0.0  # training time of the segments before a resume
     last = out / "last.pt"
     if resume and last.is_file():
         blob = torch.load(last, map_location=device, weights_only=False)
@@ -233,6 +266,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         gen.set_state(blob["generator"])
         torch.set_rng_state(blob["torch_rng"])
         step = int(blob["step"])
+        seconds_before = float(blob.get("train_seconds", 0.0))
         log.info("resumed from %s at step %d", last, step)
     else:
         teacher_statistics(model, fit_frames, device)
@@ -267,14 +301,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{vals['loss']:.4f}", hard=f"{vals['hard']:.4f}", ae=f"{vals['ae']:.4f}")
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            _save_resume(last, model, opt, sched, gen, step)
+            _save_resume(last, model, opt, sched, gen, step, seconds_before + time.time() - t0)
         if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
-            _save_resume(last, model, opt, sched, gen, step)
+            _save_resume(last, model, opt, sched, gen, step, seconds_before + time.time() - t0)
             bar.close()
             log.info("stopped at step %d; continue with --resume", step)
             return last
     bar.close()
-    train_seconds = time.time() - t0
+    train_seconds = seconds_before + time.time() - t0
     model.eval()
     parts = calibrate_model(model, fit_frames, val_frames, device, cfg.puad_weight, cfg.target_fpr, cfg.puad_gate)
     with open(log_path, "w") as f:
@@ -302,8 +336,9 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def _save_resume(path: Path, model, opt, sched, gen, step: int) -> None:
+def _save_resume(path: Path, model, opt, sched, gen, step: int, seconds: float = 0.0) -> None:
     buf = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step}, buf)
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+                "train_seconds": seconds}, buf)
     atomic_write_bytes(path, buf.getvalue())

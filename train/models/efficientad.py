@@ -66,6 +66,14 @@ class PDN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the last conv (``head``), for ``head_channels``."""
+        return self.net[:-1](x)
+
+    @property
+    def head(self) -> nn.Conv2d:
+        return self.net[-1]
+
 
 class StridedStudent(nn.Module):
     """Cheap student for the real-time variant: stride 8, padded, ~0.6 GMAC at 256x256.
@@ -87,6 +95,58 @@ class StridedStudent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[:-1](x)
+
+    @property
+    def head(self) -> nn.Conv2d:
+        return self.net[-1]
+
+
+class FineStudent(nn.Module):
+    """Stride-4 student: the stride-8 trunk, upsampled and fused with its own stride-4 layer.
+
+    A plain stride-4 conv stack has too small a receptive field to predict the teacher's
+    stride-16 stage (bottle, 1500 x 8 steps: student-teacher map alone image AUROC 0.92).
+    Here the deep path keeps the stride-8 student's ~60 px field and the skip adds
+    stride-4 detail, so the map is 64x64 at 256 px for a 3x3 conv at full rate.
+    [N,3,H,W] -> [N,out_channels,H/4,W/4].
+    """
+
+    def __init__(self, out_channels: int, width: int = 128):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w // 4, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(w // 4, w // 2, 4, 2, 1), nn.ReLU(inplace=True),
+        )
+        self.deep = nn.Sequential(
+            nn.Conv2d(w // 2, w, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(inplace=True),
+        )
+        self.fuse = nn.Sequential(nn.Conv2d(w + w // 2, w // 2, 3, 1, 1), nn.ReLU(inplace=True))
+        self.head = nn.Conv2d(w // 2, out_channels, 1)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        fine = self.stem(x)
+        deep = F.interpolate(self.deep(fine), size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([deep, fine], 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def head_channels(student: nn.Module, features: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Output channels lo:hi of ``student.head`` on ``student.trunk`` features.
+
+    Training uses only one half of the student's output per input (teacher half for the
+    image and the penalty image, autoencoder half for the augmented image); computing
+    just that half is exact and halves the largest tensors of a training step.
+    """
+    h = student.head
+    return F.conv2d(features, h.weight[lo:hi], None if h.bias is None else h.bias[lo:hi], h.stride, h.padding)
 
 
 class AutoEncoder(nn.Module):
@@ -128,14 +188,14 @@ class AutoEncoder(nn.Module):
 
 
 class LiteTeacher(nn.Module):
-    """Frozen ImageNet EfficientNet-Lite trunk: chosen stages, resized to one grid, 3x3-averaged.
+    """Frozen ImageNet EfficientNet-Lite trunk: chosen stages, resized to one grid, locally averaged (3x3 default).
 
     Local averaging (as in PatchCore) makes each vector describe a small neighbourhood.
     [N,3,H,W] (normalized for the Lite weights) -> [N,C,*out_size].
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", out_indices=(2, 3), out_size=(32, 32),
-                 pretrained: bool = True):
+                 pretrained: bool = True, pool: int = 3):
         super().__init__()
         import timm
 
@@ -146,6 +206,9 @@ class LiteTeacher(nn.Module):
         else:  # tests of export plumbing may skip the weights
             self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=tuple(out_indices))
         self.out_size = tuple(out_size)
+        if pool < 1 or pool % 2 == 0:
+            raise ValueError(f"teacher pooling window {pool}: choose an odd size (1 = off)")
+        self.pool = int(pool)
         self.channels = int(sum(self.body.feature_info.channels()))
         for p in self.parameters():
             p.requires_grad_(False)
@@ -154,8 +217,11 @@ class LiteTeacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [F.interpolate(f, size=self.out_size, mode="bilinear", align_corners=False) for f in self.body(x)]
-        return F.avg_pool2d(torch.cat(feats, 1), 3, 1, 1, count_include_pad=False)
+        feats = torch.cat([F.interpolate(f, size=self.out_size, mode="bilinear", align_corners=False)
+                           for f in self.body(x)], 1)
+        if self.pool == 1:
+            return feats
+        return F.avg_pool2d(feats, self.pool, 1, self.pool // 2, count_include_pad=False)
 
 
 class MapSmoothing(nn.Module):
@@ -195,8 +261,10 @@ class EfficientADConfig:
     teacher: str = "lite2"  # "lite0"/"lite2" (frozen pretrained EfficientNet-Lite) or "pdn_s"/"pdn_m" (PDN)
     teacher_channels: int = 384  # for PDN teachers; Lite teachers report their own
     teacher_out_indices: tuple[int, ...] = (2, 3)
+    teacher_pool: int = 3  # local averaging window of Lite teacher features, in grid cells (1 = off)
     student: str = "strided"  # "s", "m" (paper PDNs) or "strided" (real-time)
     student_width: int = 128
+    student_stride: int = 8  # real-time student: 8 (StridedStudent, 32x32 map at 256 px) or 4 (FineStudent, 64x64)
     decoder_sizes: tuple[int, ...] = (3, 8, 15, 32)
     map_blur_px: float = 8.0  # Gaussian sigma of the anomaly-map smoothing, in input pixels at 256 px (0 = off)
     color_order: str = "BGR"  # of the uint8 frames the deployed graph takes
@@ -221,7 +289,7 @@ class EfficientADConfig:
 def _grid(cfg: EfficientADConfig) -> tuple[int, int]:
     """Output grid of teacher/student/AE for the configured input size."""
     if cfg.student == "strided":
-        return cfg.image_size // 8, cfg.image_size // 8
+        return cfg.image_size // cfg.student_stride, cfg.image_size // cfg.student_stride
     s = cfg.image_size
     # PDN without padding: conv4 -> pool2 -> conv4 -> pool2 -> conv3 -> conv4
     s = ((s - 3) // 2 - 3) // 2 - 2 - 3
@@ -239,7 +307,7 @@ class EfficientAD(nn.Module):
         self.grid = grid
         if cfg.teacher in ("lite0", "lite2"):
             self.teacher = LiteTeacher(f"efficientnet_{cfg.teacher}", cfg.teacher_out_indices, grid,
-                                       pretrained=cfg.pretrained)
+                                       pretrained=cfg.pretrained, pool=cfg.teacher_pool)
             c = self.teacher.channels
         elif cfg.teacher in ("pdn_s", "pdn_m"):
             if cfg.student == "strided":
@@ -252,7 +320,10 @@ class EfficientAD(nn.Module):
             raise ValueError(f"teacher {cfg.teacher!r}: choose lite0, lite2, pdn_s or pdn_m")
         self.channels = c
         if cfg.student == "strided":
-            self.student = StridedStudent(2 * c, cfg.student_width)
+            if cfg.student_stride not in (4, 8):
+                raise ValueError(f"student stride {cfg.student_stride}: choose 4 or 8")
+            student = StridedStudent if cfg.student_stride == 8 else FineStudent
+            self.student = student(2 * c, cfg.student_width)
             self.map_pad = 0
         elif cfg.student in ("s", "m"):
             self.student = PDN(cfg.student, 2 * c)

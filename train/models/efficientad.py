@@ -35,7 +35,24 @@ def _dtype(module: nn.Module) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- blocks
-class PDN(nn.Module):
+class _ConvStack(nn.Module):
+    """A network that is one ``self.net`` Sequential ending in a conv (``head``)."""
+
+    net: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the last conv, for ``head_channels``."""
+        return self.net[:-1](x)
+
+    @property
+    def head(self) -> nn.Conv2d:
+        return self.net[-1]
+
+
+class PDN(_ConvStack):
     """Patch description network, sizes "s" and "m" exactly as in the paper (no padding).
 
     [N,3,256,256] -> [N,out_channels,56,56]; receptive field 33 px.
@@ -63,19 +80,9 @@ class PDN(nn.Module):
         else:
             raise ValueError(f"PDN size {size!r}: choose s or m")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything before the last conv (``head``), for ``head_channels``."""
-        return self.net[:-1](x)
-
-    @property
-    def head(self) -> nn.Conv2d:
-        return self.net[-1]
 
 
-class StridedStudent(nn.Module):
+class StridedStudent(_ConvStack):
     """Cheap student for the real-time variant: stride 8, padded, ~0.6 GMAC at 256x256.
 
     [N,3,H,W] -> [N,out_channels,H/8,W/8]; receptive field ~60 px.
@@ -93,15 +100,6 @@ class StridedStudent(nn.Module):
             nn.Conv2d(w, out_channels, 1),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[:-1](x)
-
-    @property
-    def head(self) -> nn.Conv2d:
-        return self.net[-1]
 
 
 class FineStudent(nn.Module):

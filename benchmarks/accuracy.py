@@ -13,39 +13,19 @@ import time
 from pathlib import Path
 
 from benchmarks.common import write_result
-
-
-def model_kwargs(args) -> dict:
-    kw = {} if args.size == "lite" else {"teacher": "lite2"}
-    if args.teacher:
-        kw["teacher"] = args.teacher
-    if args.teacher_indices:
-        kw["teacher_out_indices"] = tuple(args.teacher_indices)
-    if args.student_width:
-        kw["student_width"] = args.student_width
-    if args.student_stride:
-        kw["student_stride"] = args.student_stride
-    if args.teacher_pool:
-        kw["teacher_pool"] = args.teacher_pool
-    return kw
+from train.cli import add_model_options
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
-    p.add_argument("--size", default="lite", choices=["lite", "s", "m"])
+    add_model_options(p)
     p.add_argument("--steps", type=int, default=70_000)
     p.add_argument("--batch-size", type=int, default=1, help="paper: 1; 8 with steps/8 sees the same number of images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true")
-    p.add_argument("--teacher", default=None, help="lite2 (default), lite0, pdn_s, pdn_m")
-    p.add_argument("--teacher-indices", type=int, nargs="+", default=None, help="EfficientNet-Lite stages (default 2 3)")
-    p.add_argument("--student-width", type=int, default=None, help="real-time student width (default 128)")
-    p.add_argument("--student-stride", type=int, choices=[4, 8], default=None,
-                   help="real-time student stride (default 8; 4 = 64x64 map at 256 px)")
-    p.add_argument("--teacher-pool", type=int, default=None, help="teacher feature averaging window (default 3; 1 = off)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this many steps and save the state (for machines that limit one command's time)")
     p.add_argument("--resume", action="store_true", help="continue a run stopped with --stop-at (same --work)")
@@ -54,7 +34,7 @@ def main() -> None:
     p.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from train.cli import SIZES
+    from train.cli import SIZES, model_kwargs
     from train.evaluate import evaluate_model
     from train.loop import TrainConfig, load_checkpoint, train
 

@@ -29,15 +29,10 @@ def knn_scores(model, train_frames, test_frames, bank_size: int, seed: int):
     """Nearest-neighbour distance maps [N,1,h,w] of the test frames to the training locations."""
     import torch
 
-    from train.loop import _batches, teacher_statistics
+    from train.loop import teacher_cache, teacher_statistics
 
     teacher_statistics(model, train_frames, "cpu")
-
-    @torch.no_grad()
-    def feats(frames):
-        return torch.cat([model.teacher_features(model.preprocess(torch.from_numpy(b))) for b in _batches(frames, 16)])
-
-    tr, te = feats(train_frames), feats(test_frames)
+    tr, te = (teacher_cache(model, frames, "cpu", budget_bytes=2 ** 62) for frames in (train_frames, test_frames))
     c, (h, w) = tr.shape[1], tr.shape[2:]
     bank = tr.permute(0, 2, 3, 1).reshape(-1, c)
     bank = bank[torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:bank_size]]

@@ -17,32 +17,27 @@ import json
 import time
 
 from benchmarks.common import write_result
+from train.cli import add_model_options
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--size", default="lite", choices=["lite", "s", "m"])
+    add_model_options(p)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 2 warm-up steps)")
-    p.add_argument("--student-stride", type=int, choices=[4, 8], default=None)
-    p.add_argument("--teacher-indices", type=int, nargs="+", default=None)
     p.add_argument("--name", default=None)
     p.add_argument("--results", default=None)
     args = p.parse_args()
     import torch
 
-    from train.cli import SIZES
+    from train.cli import SIZES, model_kwargs
     from train.data import color_jitter, penalty_images
     from train.loop import TrainConfig, _losses
     from train.models import create_model
 
-    kw = {} if args.size == "lite" else {"teacher": "lite2"}
-    if args.student_stride:
-        kw["student_stride"] = args.student_stride
-    if args.teacher_indices:
-        kw["teacher_out_indices"] = tuple(args.teacher_indices)
+    kw = model_kwargs(args)
     model = create_model(SIZES[args.size], image_size=args.image_size, **kw).to(args.device).train()
     cfg = TrainConfig(data="", out="")
     opt = torch.optim.Adam(list(model.student.parameters()) + list(model.autoencoder.parameters()), lr=1e-4)

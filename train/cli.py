@@ -13,6 +13,39 @@ from runtime.dataset import DatasetError
 SIZES = {"lite": "efficientad_lite", "s": "efficientad_s", "m": "efficientad_m"}
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The flags that choose the network; shared by ``python -m train`` and the training benchmarks."""
+    p.add_argument("--size", choices=sorted(SIZES), default="lite",
+                   help="lite: real-time model, frozen EfficientNet-Lite teacher (default); s/m: the paper's PDN students")
+    p.add_argument("--teacher", choices=["lite0", "lite2", "pdn_s", "pdn_m"], default=None,
+                   help="teacher (default lite2: frozen ImageNet EfficientNet-Lite2 features; pdn_* are untrained PDNs, "
+                        "for speed comparisons only)")
+    p.add_argument("--teacher-stages", "--teacher-indices", dest="teacher_stages", type=int, nargs="+", default=None,
+                   choices=range(5), metavar="K",
+                   help="EfficientNet-Lite stages the teacher uses (default 2 3; 1 = stride 4, 2 = stride 8, 3 = stride 16)")
+    p.add_argument("--teacher-pool", type=int, default=None, metavar="K",
+                   help="averaging window of the teacher features in grid cells (default 3; 1 = off: sharper maps, "
+                        "see benchmarks/README.md)")
+    p.add_argument("--student-stride", type=int, choices=[4, 8], default=None,
+                   help="--size lite only: 8 (default, 32x32 map at 256 px) or 4 (64x64 map: finer localization, "
+                        "about 2x the training step time; pair with --teacher-stages 1 2 3)")
+    p.add_argument("--student-width", type=int, default=None, help="--size lite only: student width (default 128)")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of ``create_model`` for the flags of ``add_model_options``; ValueError on a bad mix."""
+    if args.size == "lite" and args.teacher not in (None, "lite0", "lite2"):
+        raise ValueError("--size lite takes an EfficientNet-Lite teacher (lite0 or lite2)")
+    if args.student_stride and args.size != "lite":
+        raise ValueError("--student-stride is for --size lite (the paper's PDN students have a fixed grid)")
+    kw = {"teacher": args.teacher} if args.teacher else {} if args.size == "lite" else {"teacher": "lite2"}
+    options = {"teacher_out_indices": tuple(args.teacher_stages) if args.teacher_stages else None,
+               "teacher_pool": args.teacher_pool, "student_stride": args.student_stride,
+               "student_width": args.student_width}
+    kw.update({k: v for k, v in options.items() if v})
+    return kw
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .loop import PAPER_STEPS
 
@@ -20,19 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(MVTec layout: DIR/train/good). Writes OUT/checkpoint.pt for `python -m export`.")
     p.add_argument("--data", required=True, help="category folder holding train/good (and optionally test/)")
     p.add_argument("--out", required=True, help="output folder for checkpoint.pt and train_log.jsonl")
-    p.add_argument("--size", choices=sorted(SIZES), default="lite",
-                   help="lite: real-time model, frozen EfficientNet-Lite teacher (default); s/m: the paper's PDN students")
-    p.add_argument("--teacher", choices=["lite0", "lite2", "pdn_s", "pdn_m"], default=None,
-                   help="teacher (default lite2: frozen ImageNet EfficientNet-Lite2 features; pdn_* are untrained PDNs, "
-                        "for speed comparisons only)")
-    p.add_argument("--teacher-stages", type=int, nargs="+", default=None, choices=range(5), metavar="K",
-                   help="EfficientNet-Lite stages the teacher uses (default 2 3; 1 = stride 4, 2 = stride 8, 3 = stride 16)")
-    p.add_argument("--student-stride", type=int, choices=[4, 8], default=None,
-                   help="--size lite only: 8 (default, 32x32 map at 256 px) or 4 (64x64 map: finer localization, "
-                        "about 3x the training and inference cost; pair with --teacher-stages 1 2 3)")
-    p.add_argument("--teacher-pool", type=int, default=None, metavar="K",
-                   help="averaging window of the teacher features in grid cells (default 3; 1 = off: sharper maps, "
-                        "see benchmarks/README.md)")
+    add_model_options(p)
     p.add_argument("--steps", type=int, default=PAPER_STEPS, help=f"training steps (paper: {PAPER_STEPS})")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--image-size", type=int, default=256)
@@ -55,26 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .loop import TrainConfig, load_checkpoint, train
 
-    model = SIZES[args.size]
-    if args.teacher and args.size == "lite" and args.teacher not in ("lite0", "lite2"):
-        print("error: --size lite takes an EfficientNet-Lite teacher (lite0 or lite2)", file=sys.stderr)
+    try:
+        kw = model_kwargs(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = TrainConfig(data=args.data, out=args.out, model=model, image_size=args.image_size, steps=args.steps,
+    cfg = TrainConfig(data=args.data, out=args.out, model=SIZES[args.size], image_size=args.image_size, steps=args.steps,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
-                      puad_gate=args.puad_gate, target_fpr=args.target_fpr, amp=args.amp)
-    if args.student_stride and args.size != "lite":
-        print("error: --student-stride is for --size lite (the paper's PDN students have a fixed grid)", file=sys.stderr)
-        return 2
-    if args.teacher:
-        cfg.model_kwargs = {"teacher": args.teacher}
-    elif args.size != "lite":
-        cfg.model_kwargs = {"teacher": "lite2"}
-    if args.teacher_stages:
-        cfg.model_kwargs["teacher_out_indices"] = tuple(args.teacher_stages)
-    if args.student_stride:
-        cfg.model_kwargs["student_stride"] = args.student_stride
-    if args.teacher_pool:
-        cfg.model_kwargs["teacher_pool"] = args.teacher_pool
+                      puad_gate=args.puad_gate, target_fpr=args.target_fpr, amp=args.amp, model_kwargs=kw)
     try:
         ckpt = train(cfg, resume=args.resume)
         if args.evaluate:

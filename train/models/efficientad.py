@@ -81,6 +81,17 @@ class PDN(_ConvStack):
             raise ValueError(f"PDN size {size!r}: choose s or m")
 
 
+def _strided_layers(width: int) -> list[nn.Module]:
+    """The real-time students' conv trunk: three stride-2 convs (first two = the stride-4 part), two 3x3."""
+    w = width
+    return [
+        nn.Conv2d(3, w // 4, 4, 2, 1), nn.ReLU(inplace=True),
+        nn.Conv2d(w // 4, w // 2, 4, 2, 1), nn.ReLU(inplace=True),
+        nn.Conv2d(w // 2, w, 4, 2, 1), nn.ReLU(inplace=True),
+        nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(inplace=True),
+        nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(inplace=True),
+    ]
+
 
 class StridedStudent(_ConvStack):
     """Cheap student for the real-time variant: stride 8, padded, ~0.6 GMAC at 256x256.
@@ -90,16 +101,7 @@ class StridedStudent(_ConvStack):
 
     def __init__(self, out_channels: int, width: int = 128):
         super().__init__()
-        w = width
-        self.net = nn.Sequential(
-            nn.Conv2d(3, w // 4, 4, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(w // 4, w // 2, 4, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(w // 2, w, 4, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(w, out_channels, 1),
-        )
-
+        self.net = nn.Sequential(*_strided_layers(width), nn.Conv2d(width, out_channels, 1))
 
 
 class FineStudent(nn.Module):
@@ -115,15 +117,9 @@ class FineStudent(nn.Module):
     def __init__(self, out_channels: int, width: int = 128):
         super().__init__()
         w = width
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, w // 4, 4, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(w // 4, w // 2, 4, 2, 1), nn.ReLU(inplace=True),
-        )
-        self.deep = nn.Sequential(
-            nn.Conv2d(w // 2, w, 4, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(inplace=True),
-        )
+        layers = _strided_layers(w)
+        self.stem = nn.Sequential(*layers[:4])  # stride 4, w/2 channels
+        self.deep = nn.Sequential(*layers[4:])  # stride 8, w channels
         self.fuse = nn.Sequential(nn.Conv2d(w + w // 2, w // 2, 3, 1, 1), nn.ReLU(inplace=True))
         self.head = nn.Conv2d(w // 2, out_channels, 1)
 

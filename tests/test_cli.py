@@ -47,6 +47,9 @@ def test_train_cli_builds_the_stride4_model(tmp_path, synthetic_root):
     r = subprocess.run([sys.executable, "-m", "train", "--data", str(synthetic_root), "--out", str(tmp_path / "o2"),
                         "--size", "s", "--student-stride", "4"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--student-stride is for --size lite" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "train", "--data", str(synthetic_root), "--out", str(tmp_path / "o3"),
+                        "--teacher-pool", "0", "--steps", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "teacher pooling window 0" in r.stderr  # not silently the default 3
 
 
 def test_export_cli_reports_missing_checkpoint(tmp_path):

@@ -183,7 +183,6 @@ def test_hard_loss_gradients_match_the_plain_form():
     torch.testing.assert_close(s1.grad, s2.grad)
 
 
-
 def test_teacher_pool_option():
     from train.models.efficientad import EfficientADConfig
 

@@ -42,7 +42,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     options = {"teacher_out_indices": tuple(args.teacher_stages) if args.teacher_stages else None,
                "teacher_pool": args.teacher_pool, "student_stride": args.student_stride,
                "student_width": args.student_width}
-    kw.update({k: v for k, v in options.items() if v})
+    kw.update({k: v for k, v in options.items() if v is not None})  # a given 0 reaches the model's own check
     return kw
 
 

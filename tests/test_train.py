@@ -41,6 +41,8 @@ def test_stride4_student_gives_a_finer_map_and_old_configs_stay_stride8():
     assert EfficientADConfig.from_dict(old).student_stride == 8
     with pytest.raises(ValueError, match="stride"):
         create_model("efficientad_lite", image_size=IMAGE_SIZE, pretrained=False, student_stride=2)
+    with pytest.raises(ValueError, match="student width 0"):
+        create_model("efficientad_lite", image_size=IMAGE_SIZE, pretrained=False, student_width=0)
 
 
 def test_paper_sizes_at_256():

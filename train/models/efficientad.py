@@ -316,6 +316,8 @@ class EfficientAD(nn.Module):
         if cfg.student == "strided":
             if cfg.student_stride not in (4, 8):
                 raise ValueError(f"student stride {cfg.student_stride}: choose 4 or 8")
+            if cfg.student_width < 4:  # its first conv has width // 4 channels
+                raise ValueError(f"student width {cfg.student_width}: choose 4 or more (default 128)")
             student = StridedStudent if cfg.student_stride == 8 else FineStudent
             self.student = student(2 * c, cfg.student_width)
             self.map_pad = 0

@@ -26,6 +26,9 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true")
+    p.add_argument("--map-blur", default=None, metavar="SIGMA|auto",
+                   help="map smoothing sigma in px at 256 px (default: the model's 8); auto: chosen on defects painted "
+                        "on the validation images, never on the test split")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this many steps and save the state (for machines that limit one command's time)")
     p.add_argument("--resume", action="store_true", help="continue a run stopped with --stop-at (same --work)")
@@ -36,12 +39,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from train.cli import SIZES, model_kwargs
     from train.evaluate import evaluate_model
-    from train.loop import TrainConfig, load_checkpoint, train
+    from train.loop import TrainConfig, load_checkpoint, parse_map_blur, train
 
     work = Path(args.work) / f"{Path(args.data).name}_{args.size}"
     cfg = TrainConfig(data=args.data, out=str(work), model=SIZES[args.size], steps=args.steps, device=args.device,
                       image_size=args.image_size, seed=args.seed, amp=args.amp, batch_size=args.batch_size,
-                      model_kwargs=model_kwargs(args), stop_at=args.stop_at)
+                      model_kwargs=model_kwargs(args), stop_at=args.stop_at,
+                      map_blur=None if args.map_blur is None else parse_map_blur(args.map_blur))
     t0 = time.time()
     ckpt = train(cfg, resume=args.resume)
     if ckpt.name != "checkpoint.pt":
@@ -54,7 +58,8 @@ def main() -> None:
     path = write_result(name, {"data": str(args.data), "model": SIZES[args.size], "steps": args.steps, "batch_size": args.batch_size,
                                "images_seen": args.steps * args.batch_size,
                                "train_seconds": blob["train"]["train_seconds"], "eval_seconds": time.time() - t1,
-                               "total_seconds": time.time() - t0, "config": blob["config"], "metrics": metrics},
+                               "total_seconds": time.time() - t0, "config": blob["config"], "map_smoothing": blob.get("map_smoothing"),
+                               "metrics": metrics},
                         args.results)
     import json
 

@@ -16,6 +16,11 @@ Choosing a setting on the test split it is reported on flatters it. ``--eval-dat
 another folder's test split instead (recalibration still uses the checkpoint's own
 training data), e.g. a synthetic dataset written with another seed: choose there,
 then report the choice on DATA/test.
+
+``--select`` does the choosing without any defect image: the sigma is picked on defects
+painted on the checkpoint's own validation images (``train.select_smoothing``, the same
+code as ``python -m train --map-blur auto``) and only the chosen sigma is scored on
+DATA/test; the file holds the selection rows and that one test row.
 """
 from __future__ import annotations
 
@@ -69,7 +74,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="MVTec-layout folder the checkpoint was trained on")
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0, 4, 8, 12])
+    p.add_argument("--sigmas", type=float, nargs="+", default=None,
+                   help="sigmas to score on the test split (default 0 4 8 12); with --select: the candidates "
+                        "(default those of train.select_smoothing)")
+    p.add_argument("--select", action="store_true",
+                   help="choose the sigma on defects painted on the validation images, score only that one on DATA/test")
     p.add_argument("--puad-weights", type=float, nargs="+", default=None,
                    help="weights of the unpicturable score to try (default: the checkpoint's)")
     p.add_argument("--puad-gates", type=parse_gate, nargs="+", default=None, metavar="Z|none",
@@ -84,8 +93,18 @@ def main() -> None:
     model, blob, fit, val, families = load_for_recalibration(args.checkpoint, args.data, args.eval_data)
     tcfg = blob["train"]
     gates = args.puad_gates or [tcfg.get("puad_gate")]  # checkpoints from before the gate: plain sum
+    selection = None
+    if args.select:
+        from train.select_smoothing import SMOOTHING_CANDIDATES, choose_map_smoothing
+
+        choice = choose_map_smoothing(model.to(args.device), val, args.device,
+                                      tuple(args.sigmas or SMOOTHING_CANDIDATES), seed=int(tcfg["seed"]))
+        selection = choice.to_dict()
+        sigmas = [choice.sigma]
+    else:
+        sigmas = args.sigmas or [0, 4, 8, 12]
     rows = []
-    for sigma in args.sigmas:
+    for sigma in sigmas:
         for w in args.puad_weights or [float(tcfg["puad_weight"])]:
             for gate in gates:
                 row = evaluate_recalibrated(model, args.eval_data or args.data, args.device, fit, val, sigma, w,
@@ -95,7 +114,8 @@ def main() -> None:
     name = args.name or f"map_smoothing_{Path(args.data).name}.json"
     path = write_result(name, {"checkpoint": str(args.checkpoint), "evaluated_on": args.eval_data or args.data,
                                "checkpoint_config": blob["config"],
-                               "train_steps": tcfg["steps"], "batch_size": tcfg["batch_size"], "rows": rows},
+                               "train_steps": tcfg["steps"], "batch_size": tcfg["batch_size"],
+                               **({"selection": selection} if selection else {}), "rows": rows},
                         args.results)
     print(json.dumps(rows, indent=2))
     print(f"wrote {path}")

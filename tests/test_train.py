@@ -73,12 +73,16 @@ def test_map_smoothing_is_a_normalized_gaussian():
 def test_cpu_bf16_autocast_step_trains(tmp_path, synthetic_root):
     """--amp on CPU: bf16 autocast with the cached teacher targets still lowers the loss."""
     cfg = TrainConfig(data=str(synthetic_root), out=str(tmp_path), image_size=IMAGE_SIZE, steps=50, seed=1,
-                      save_every=0, amp=True)
+                      save_every=0, amp=True, map_blur="auto")
     ckpt = train(cfg)
     hist = [json.loads(l) for l in open(ckpt.parent / "train_log.jsonl")]
     assert hist[-1]["loss"] < 0.9 * hist[0]["loss"], hist
-    model, _ = load_checkpoint(ckpt)
+    model, blob = load_checkpoint(ckpt)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
+    # --map-blur auto: the sigma chosen on painted validation defects is the one the checkpoint carries
+    chosen = blob["map_smoothing"]
+    assert chosen["how"].startswith("chosen") and len(chosen["rows"]) == 6
+    assert model.cfg.map_blur_px == chosen["sigma_px_at_256"]
 
 
 def test_loss_decreases_and_defects_score_higher(trained, synthetic_root):

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--puad-gate", type=parse_gate, default=DEFAULT_PUAD_GATE, metavar="Z|none",
                    help=f"the Gaussian score counts only above this z on good images (default {DEFAULT_PUAD_GATE:g}); "
                         "none: plain sum")
+    p.add_argument("--map-blur", default=None, metavar="SIGMA|auto",
+                   help="anomaly-map smoothing, Gaussian sigma in px at 256 px (default 8; 0 = off); auto: choose "
+                        "among 0-12 on defects painted on the validation images (no defect images needed)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the first OK/NG threshold")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
     p.add_argument("--amp", action="store_true", help="bf16 autocast: on CUDA, and ~2x faster on CPUs with AVX512-BF16/AMX")
@@ -74,16 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .loop import TrainConfig, load_checkpoint, train
+    from .loop import TrainConfig, load_checkpoint, parse_map_blur, train
 
     try:
         kw = model_kwargs(args)
+        map_blur = None if args.map_blur is None else parse_map_blur(args.map_blur)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = TrainConfig(data=args.data, out=args.out, model=SIZES[args.size], image_size=args.image_size, steps=args.steps,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
-                      puad_gate=args.puad_gate, target_fpr=args.target_fpr, amp=args.amp, model_kwargs=kw)
+                      puad_gate=args.puad_gate, target_fpr=args.target_fpr, amp=args.amp, model_kwargs=kw,
+                      map_blur=map_blur)
     try:
         ckpt = train(cfg, resume=args.resume)
         if args.evaluate:

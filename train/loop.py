@@ -59,6 +59,7 @@ class TrainConfig:
     teacher_cache_bytes: int = 1 << 30  # cache teacher features of the (unaugmented) training images up to this size
     model_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"teacher": "lite0"} for s/m
     stop_at: int | None = None  # stop resumably after this step (split a long run; resume with --resume)
+    map_blur: float | str | None = None  # map smoothing sigma (px at 256); "auto": chosen on painted defects; None: model default
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -301,6 +302,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     bar.close()
     train_seconds = seconds_before + time.time() - t0
     model.eval()
+    smoothing = apply_map_blur(model, cfg.map_blur, val_frames, device, cfg.seed)
     parts = calibrate_model(model, fit_frames, val_frames, device, cfg.puad_weight, cfg.target_fpr, cfg.puad_gate)
     with open(log_path, "w") as f:
         for h in history:
@@ -308,6 +310,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     ckpt = out / "checkpoint.pt"
     save_checkpoint(ckpt, model, {
         **parts,
+        "map_smoothing": smoothing,
         "source_shape": src_shape,
         "train": {**dataclasses.asdict(cfg), "train_seconds": train_seconds, "n_fit": len(fit_frames),
                   "n_validation": len(val_frames), "final_loss": history[-1] if history else None,
@@ -317,6 +320,33 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         last.unlink()
     log.info("wrote %s (%.1fs training)", ckpt, train_seconds)
     return ckpt
+
+
+def parse_map_blur(text: str) -> float | str:
+    """CLI value of --map-blur: a sigma >= 0 in px at 256 px, or 'auto'."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"--map-blur takes a sigma >= 0 (px at 256 px; 0 = off) or 'auto', got {text!r}")
+    return v
+
+
+def apply_map_blur(model: EfficientAD, map_blur: float | str | None, val_frames: np.ndarray, device: str,
+                   seed: int = 0) -> dict:
+    """Set the map smoothing of a trained model (before calibration); returns what was done, for the checkpoint."""
+    if map_blur is None:
+        return {"sigma_px_at_256": model.cfg.map_blur_px, "how": "model default"}
+    if map_blur == "auto":
+        from .select_smoothing import choose_map_smoothing
+
+        choice = choose_map_smoothing(model, val_frames, device, seed=seed)
+        return {"sigma_px_at_256": choice.sigma, "how": "chosen on painted validation defects", **choice.to_dict()}
+    model.set_map_smoothing(parse_map_blur(map_blur))
+    return {"sigma_px_at_256": model.cfg.map_blur_px, "how": "given"}
 
 
 def _cpu_has_bf16() -> bool:

@@ -138,12 +138,18 @@ def run_outputs(model: EfficientAD, frames: np.ndarray, device: str, batch: int 
     return {k: np.concatenate(v) for k, v in acc.items()}
 
 
+def fit_map_normalization(model: EfficientAD, val_frames: np.ndarray, device: str):
+    """EfficientAD's q_a/q_b of the raw maps of held-out good images (the smoothing comes after the
+    affine step and keeps constants, so it does not change them)."""
+    out = run_outputs(model, val_frames, device, keys=("map_st_raw", "map_ae_raw"))
+    return fitting.map_quantiles(out["map_st_raw"], out["map_ae_raw"])
+
+
 def calibrate_model(model: EfficientAD, fit_frames: np.ndarray, val_frames: np.ndarray, device: str,
                     puad_weight: float = 0.5, target_fpr: float = 0.01,
                     puad_gate: float | None = fitting.DEFAULT_PUAD_GATE) -> dict:
     """First calibration: quantiles, Gaussian, score normalization, threshold. Returns sidecar parts."""
-    out_val = run_outputs(model, val_frames, device, keys=("map_st_raw", "map_ae_raw"))
-    norm = fitting.map_quantiles(out_val["map_st_raw"], out_val["map_ae_raw"])
+    norm = fit_map_normalization(model, val_frames, device)
     feats = run_outputs(model, fit_frames, device, keys=("features",))["features"]
     g = fitting.fit_gaussian(feats)
     st_scale, st_shift, ae_scale, ae_shift = norm.affine()

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration import fitting
 from calibration.metrics import evaluate
 from calibration.synthetic_defects import paint_defects
 
-from .loop import run_outputs
+from .loop import fit_map_normalization, run_outputs
 from .models.efficientad import EfficientAD
 
 log = logging.getLogger(__name__)
@@ -41,16 +40,6 @@ class SmoothingChoice:
         return dataclasses.asdict(self)
 
 
-def _set_map_normalization(model: EfficientAD, val_frames: np.ndarray, device: str) -> None:
-    """Fit the map quantiles (raw, unsmoothed maps: the smoothing comes after this affine step and
-    keeps constants, so one fit serves every sigma); the other constants are not used here."""
-    out = run_outputs(model, val_frames, device, keys=("map_st_raw", "map_ae_raw"))
-    st_scale, st_shift, ae_scale, ae_shift = fitting.map_quantiles(out["map_st_raw"], out["map_ae_raw"]).affine()
-    for name, v in (("st_scale", st_scale), ("st_shift", st_shift), ("ae_scale", ae_scale), ("ae_shift", ae_shift)):
-        buf = getattr(model, name)
-        buf.copy_(buf.new_tensor(float(v)).reshape(buf.shape))
-
-
 def choose_map_smoothing(model: EfficientAD, val_frames: np.ndarray, device: str = "cpu",
                          candidates: tuple[float, ...] = SMOOTHING_CANDIDATES,
                          per_image: int = DEFECTS_PER_IMAGE, seed: int = 0) -> SmoothingChoice:
@@ -65,7 +54,7 @@ def choose_map_smoothing(model: EfficientAD, val_frames: np.ndarray, device: str
     frames = np.concatenate([val_frames, defects])
     labels = np.r_[np.zeros(len(val_frames)), np.ones(len(defects))].astype(np.int64)
     gt = np.concatenate([np.zeros(val_frames.shape[:3], np.uint8), masks])
-    _set_map_normalization(model, val_frames, device)
+    model.set_map_normalization(*fit_map_normalization(model, val_frames, device).affine())
     rows = []
     for sigma in candidates:
         model.set_map_smoothing(float(sigma))

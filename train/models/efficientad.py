@@ -423,14 +423,19 @@ class EfficientAD(nn.Module):
     def set_calibration(self, st_scale, st_shift, ae_scale, ae_shift, gaussian_mean, gaussian_whitener,
                         score_center, score_weight) -> None:
         """Write all decision constants at once (floats / array-likes, any dtype)."""
-        vals = dict(st_scale=st_scale, st_shift=st_shift, ae_scale=ae_scale, ae_shift=ae_shift,
-                    gaussian_mean=gaussian_mean, gaussian_whitener=gaussian_whitener,
-                    score_center=score_center, score_weight=score_weight)
+        self.set_map_normalization(st_scale, st_shift, ae_scale, ae_shift)
+        self._write_constants(gaussian_mean=gaussian_mean, gaussian_whitener=gaussian_whitener,
+                              score_center=score_center, score_weight=score_weight)
+        self.calibrated.fill_(True)
+
+    def set_map_normalization(self, st_scale, st_shift, ae_scale, ae_shift) -> None:
+        """Only the map affine (q_a/q_b); enough to score maps before the full calibration."""
+        self._write_constants(st_scale=st_scale, st_shift=st_shift, ae_scale=ae_scale, ae_shift=ae_shift)
+
+    def _write_constants(self, **vals) -> None:
         for k, v in vals.items():
             buf = getattr(self, k)
-            t = torch.as_tensor(v, dtype=buf.dtype, device=buf.device).reshape(buf.shape)
-            buf.copy_(t)
-        self.calibrated.fill_(True)
+            buf.copy_(torch.as_tensor(v, dtype=buf.dtype, device=buf.device).reshape(buf.shape))
 
 
 OUTPUT_NAMES = ("anomaly_map", "picturable_score", "unpicturable_score", "image_score", "features",

@@ -138,27 +138,52 @@ def run_outputs(model: EfficientAD, frames: np.ndarray, device: str, batch: int 
     return {k: np.concatenate(v) for k, v in acc.items()}
 
 
-def fit_map_normalization(model: EfficientAD, val_frames: np.ndarray, device: str):
-    """EfficientAD's q_a/q_b of the raw maps of held-out good images (the smoothing comes after the
-    affine step and keeps constants, so it does not change them)."""
-    out = run_outputs(model, val_frames, device, keys=("map_st_raw", "map_ae_raw"))
-    return fitting.map_quantiles(out["map_st_raw"], out["map_ae_raw"])
+RAW_KEYS = ("map_st_raw", "map_ae_raw", "features")  # network outputs that every other output derives from
+
+
+def raw_outputs(model: EfficientAD, frames: np.ndarray, device: str) -> dict[str, np.ndarray]:
+    """The networks' outputs only (raw maps, pooled features): run once, re-score with ``rescore``."""
+    return run_outputs(model, frames, device, keys=RAW_KEYS)
+
+
+@torch.no_grad()
+def rescore(model: EfficientAD, raw: dict[str, np.ndarray], device: str, batch: int = 64,
+            keys=("picturable_score", "unpicturable_score", "image_score", "anomaly_map")) -> dict[str, np.ndarray]:
+    """Deployed outputs of stored ``raw_outputs`` under the model's current constants and smoothing,
+    without running the networks (``EfficientAD.decide``; maps at the model's input size)."""
+    size = (model.cfg.image_size, model.cfg.image_size)
+    acc: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for i in range(0, len(raw["features"]), batch):
+        part = [torch.from_numpy(raw[k][i:i + batch]).to(device) for k in RAW_KEYS]
+        out = model.decide(*part, size)
+        for k in keys:
+            acc[k].append(out[k].float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in acc.items()}
+
+
+def fit_map_normalization(raw_val: dict[str, np.ndarray]):
+    """EfficientAD's q_a/q_b from the ``raw_outputs`` of held-out good images (the smoothing comes
+    after the affine step and keeps constants, so it does not change them)."""
+    return fitting.map_quantiles(raw_val["map_st_raw"], raw_val["map_ae_raw"])
 
 
 def calibrate_model(model: EfficientAD, fit_frames: np.ndarray, val_frames: np.ndarray, device: str,
                     puad_weight: float = 0.5, target_fpr: float = 0.01,
                     puad_gate: float | None = fitting.DEFAULT_PUAD_GATE) -> dict:
-    """First calibration: quantiles, Gaussian, score normalization, threshold. Returns sidecar parts."""
-    norm = fit_map_normalization(model, val_frames, device)
+    """First calibration: quantiles, Gaussian, score normalization, threshold. Returns sidecar parts.
+
+    The networks run once per image; each constant-fitting step re-scores the stored outputs."""
+    raw_val = raw_outputs(model, val_frames, device)
+    norm = fit_map_normalization(raw_val)
     feats = run_outputs(model, fit_frames, device, keys=("features",))["features"]
     g = fitting.fit_gaussian(feats)
     st_scale, st_shift, ae_scale, ae_shift = norm.affine()
     model.set_calibration(st_scale, st_shift, ae_scale, ae_shift, g.mean, g.whitener, [0, 0], [0.5, 0.5])
-    out = run_outputs(model, val_frames, device, keys=("picturable_score", "unpicturable_score"))
+    out = rescore(model, raw_val, device, keys=("picturable_score", "unpicturable_score"))
     spec = fitting.score_normalization(out["picturable_score"], out["unpicturable_score"], puad_weight, puad_gate)
     center, weight = fitting.score_constants(spec)
     model.set_calibration(st_scale, st_shift, ae_scale, ae_shift, g.mean, g.whitener, center, weight)
-    scores = run_outputs(model, val_frames, device, keys=("image_score",))["image_score"]
+    scores = rescore(model, raw_val, device, keys=("image_score",))["image_score"]
     thr = fitting.threshold_at_fpr(scores, target_fpr)
     return {"normalization": dataclasses.asdict(norm), "gaussian": dataclasses.asdict(g.info),
             "score": dataclasses.asdict(spec), "thresholds": dataclasses.asdict(thr)}

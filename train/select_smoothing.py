@@ -19,7 +19,7 @@ import numpy as np
 from calibration.metrics import evaluate
 from calibration.synthetic_defects import paint_defects
 
-from .loop import fit_map_normalization, run_outputs
+from .loop import fit_map_normalization, raw_outputs, rescore
 from .models.efficientad import EfficientAD
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,13 @@ def choose_map_smoothing(model: EfficientAD, val_frames: np.ndarray, device: str
     frames = np.concatenate([val_frames, defects])
     labels = np.r_[np.zeros(len(val_frames)), np.ones(len(defects))].astype(np.int64)
     gt = np.concatenate([np.zeros(val_frames.shape[:3], np.uint8), masks])
-    model.set_map_normalization(*fit_map_normalization(model, val_frames, device).affine())
+    raw = raw_outputs(model, frames, device)  # the networks run once; each candidate only re-scores
+    n = len(val_frames)
+    model.set_map_normalization(*fit_map_normalization({k: v[:n] for k, v in raw.items()}).affine())
     rows = []
     for sigma in candidates:
         model.set_map_smoothing(float(sigma))
-        out = run_outputs(model, frames, device, keys=("picturable_score", "anomaly_map"))
+        out = rescore(model, raw, device, keys=("picturable_score", "anomaly_map"))
         sc = evaluate(labels, out["picturable_score"], gt, out["anomaly_map"][:, 0])
         row = {"sigma_px_at_256": float(sigma), "image_auroc": sc.image_auroc, "pixel_auroc": sc.pixel_auroc,
                "aupro": sc.aupro, "objective": (sc.image_auroc + sc.aupro) / 2}

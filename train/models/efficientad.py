@@ -386,15 +386,22 @@ class EfficientAD(nn.Module):
     # -- the deployed graph ----------------------------------------------------
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """frames: uint8 [N,H,W,3] (cfg.color_order, cfg.image_size) -> every deployed output."""
-        x = self.preprocess(frames)
-        map_st, map_ae, pooled = self.raw_maps(x)
+        map_st, map_ae, pooled = self.raw_maps(self.preprocess(frames))
+        return self.decide(map_st, map_ae, pooled, (frames.shape[1], frames.shape[2]))
+
+    def decide(self, map_st: torch.Tensor, map_ae: torch.Tensor, pooled: torch.Tensor,
+               out_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Everything after the networks: map normalization, smoothing, upsampling, PUAD scores.
+
+        Split from ``forward`` so that calibration and the smoothing choice can re-score stored
+        network outputs under new constants without running the networks again."""
         norm = (map_st * self.st_scale + self.st_shift) + (map_ae * self.ae_scale + self.ae_shift)
         norm = self.map_smoothing(norm)
         picturable = torch.amax(norm, dim=(1, 2, 3))
         if self.map_pad:
             pad = round(self.map_pad * self.cfg.image_size / 256)
             norm = F.pad(norm, (pad, pad, pad, pad))
-        anomaly_map = F.interpolate(norm, size=(frames.shape[1], frames.shape[2]), mode="bilinear", align_corners=False)
+        anomaly_map = F.interpolate(norm, size=out_hw, mode="bilinear", align_corners=False)
         z = torch.matmul(pooled - self.gaussian_mean, self.gaussian_whitener)
         unpicturable = torch.sqrt(torch.sum(z * z, dim=1) + 1e-12)
         both = torch.stack([picturable, unpicturable], dim=1)

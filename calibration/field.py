@@ -226,14 +226,18 @@ def apply(model_path: str | Path, result: CalibrationResult, source: str, backup
 
 def calibrate(model_path: str | Path, good: str, defects: str | None = None, target_fpr: float = 0.01,
               max_images: int | None = None, puad_weight: float | None = None, dry_run: bool = False,
-              puad_gate: float | None | object = fitting.KEEP_GATE) -> CalibrationResult:
+              puad_gate: float | None | object = fitting.KEEP_GATE, backup: bool = True) -> CalibrationResult:
+    """Refit every constant of a deployed model on good images and rewrite it in place.
+
+    ``backup=False`` for a model the caller has just written itself (export's INT8 refit):
+    a ``.bak`` of it would only be litter."""
     model = Model(model_path, warmup=0)
     g = collect(model, iter_images(good, max_images))
     d = collect(model, iter_images(defects, max_images), desc="defect images") if defects else None
     result = compute(model, g, d, target_fpr, puad_weight, puad_gate=puad_gate)
     model.close()
     if not dry_run:
-        apply(model_path, result, source=str(good))
+        apply(model_path, result, source=str(good), backup=backup)
     log.info("calibrated %s on %d images: threshold %.4f (%s), expected FPR %s, condition number %.3g",
              model_path, result.n_images, result.thresholds.image, result.thresholds.method,
              result.thresholds.expected_fpr, result.gaussian.condition_number)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 # int8 noise moves the pooled features: refit the Gaussian and quantiles on the quantized graph
                 from calibration.field import calibrate
 
-                calibrate(out, args.calib_images)
+                calibrate(out, args.calib_images, backup=False)
             else:
                 out = export_onnx(args.checkpoint, args.out, fp16=args.fp16, batch=args.batch, opset=args.opset,
                                   simplify=not args.no_simplify, fp16_teacher=args.fp16_teacher)

@@ -188,3 +188,17 @@ def test_stride4_model_exports_with_parity(tmp_path, synthetic_root, test_frames
     assert out["anomaly_map"].shape == ref["anomaly_map"].shape
     for k in KEYS:
         assert np.abs(out[k] - ref[k]).max() <= 1e-4 * max(1.0, np.abs(ref[k]).max()), k
+
+
+def test_int8_export_cli_leaves_the_model_its_sidecar_and_the_fp32_source_only(tmp_path, trained, synthetic_root):
+    """`python -m export onnx --int8` refits the constants of the graph it just wrote: no .bak litter."""
+    from export.cli import main
+
+    out = tmp_path / "m" / "model.onnx"
+    out.parent.mkdir()
+    assert main(["onnx", str(trained), "--out", str(out), "--int8", "--calib-images",
+                 str(synthetic_root / "train" / "good")]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "model.fp32.onnx", "model.fp32.onnx.json", "model.onnx", "model.onnx.json"]
+    assert read_sidecar(out).provenance["calibration"]["source"] == str(synthetic_root / "train" / "good")
+    assert Model(out, warmup=0).infer(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))["image_score"].shape == (1,)

@@ -1,0 +1,17 @@
+"""Benchmark helpers whose arithmetic the README quotes: checked on small inputs."""
+import pytest
+
+from benchmarks.gpu_roofline import analyse, floors
+from benchmarks.speed_models import build, count_gflops
+
+
+def test_roofline_counts_the_same_flops_as_the_conv_hooks_and_bounds_are_ordered():
+    rows = analyse("lite0", batch=2, image_size=64)
+    conv = sum(r["gflop"] for r in rows if r["op"] == "conv2d")
+    assert conv / 2 == pytest.approx(count_gflops(build("lite0", 64), 64), rel=1e-3)
+    f = floors(rows, 2, peak_tflops=100.0, bandwidth_tbs=1.0)
+    # arithmetic only <= fused <= unfused: each step adds memory time, none removes work
+    assert f["arithmetic_only_ms"] <= f["fused_ms"] <= f["unfused_ms"]
+    assert f["unfused_images_per_s"] == pytest.approx(2e3 / f["unfused_ms"])
+    slower = floors(rows, 2, peak_tflops=100.0, bandwidth_tbs=0.1)
+    assert slower["unfused_ms"] > f["unfused_ms"]  # memory-bound operators slow down with the bandwidth

@@ -98,6 +98,9 @@ def main() -> None:
     p.add_argument("--variant", default="s", choices=["s", "m", "lite", "lite0"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="inductor mode of the compiled row; max-autotune times Triton and cuDNN kernels per "
+                        "convolution (slow to compile; the CUDA graph is captured here either way)")
     p.add_argument("--backend-only", action="store_true", help="only the shipped edgead torch-backend rows")
     p.add_argument("--results", default=None)
     args = p.parse_args()
@@ -130,14 +133,15 @@ def main() -> None:
     if not args.no_compile and not args.backend_only:
         try:
             half_cl = build(args.variant).to(dev).eval().half_networks().to(memory_format=torch.channels_last)
-            comp = torch.compile(half_cl, dynamic=False)
+            comp = torch.compile(half_cl, dynamic=False, mode=None if args.compile_mode == "default" else args.compile_mode)
             with torch.inference_mode():
                 for b, x in frames.items():
                     t0 = time.time()
                     comp(x)
                     log.info("compiled batch %d in %.0fs", b, time.time() - t0)
                     g = graphed(comp, x)
-                    add("fp16 + CL + torch.compile + CUDA graph", b, timed(g, x), max_err(g(x), refs[b]))
+                    mode = "" if args.compile_mode == "default" else f" ({args.compile_mode})"
+                    add(f"fp16 + CL + torch.compile{mode} + CUDA graph", b, timed(g, x), max_err(g(x), refs[b]))
             compiled_ok = True
         except Exception as e:  # inductor problems must not lose the other numbers
             log.warning("torch.compile step failed: %s", str(e).splitlines()[0][:200])

@@ -105,15 +105,15 @@ def analyse(variant: str, batch: int, image_size: int = 256) -> list[dict]:
 
 def floors(rows: list[dict], batch: int, peak_tflops: float, bandwidth_tbs: float) -> dict:
     """Lower bounds on time per batch (ms) and the images/s they allow."""
+    def bounds_ms(r) -> tuple[float, float]:
+        """(compute, memory) time of one operator at the peaks."""
+        return r["gflop"] / peak_tflops, r["mb"] / (bandwidth_tbs * 1e3)
+
     def t_ms(r, fused: bool) -> float:
-        compute = r["gflop"] / (peak_tflops * 1e3)
-        memory = r["mb"] / (bandwidth_tbs * 1e6)
-        if fused and r["op"] not in COMPUTE_OPS:
-            return 0.0
-        return max(compute, memory) * 1e3
+        return 0.0 if fused and r["op"] not in COMPUTE_OPS else max(bounds_ms(r))
     total_gflop = sum(r["gflop"] for r in rows)
     res = {"gflop_per_image": total_gflop / batch,
-           "arithmetic_only_ms": total_gflop / (peak_tflops * 1e3) * 1e3}
+           "arithmetic_only_ms": total_gflop / peak_tflops}
     for fused in (False, True):
         ms = sum(t_ms(r, fused) for r in rows)
         res[f"{'fused' if fused else 'unfused'}_ms"] = ms
@@ -125,8 +125,8 @@ def floors(rows: list[dict], batch: int, peak_tflops: float, bandwidth_tbs: floa
         g["gflop"] += r["gflop"]
         g["mb"] += r["mb"]
         g["ops"] += 1
-        bound_mem = r["mb"] / (bandwidth_tbs * 1e6) > r["gflop"] / (peak_tflops * 1e3)
-        g["memory_bound_ops"] += int(bound_mem)
+        compute, memory = bounds_ms(r)
+        g["memory_bound_ops"] += int(memory > compute)
         g["unfused_ms"] += t_ms(r, False)
     res["by_part"] = [{"part": p, "kind": k, **{kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()}}
                       for (p, k), v in sorted(by.items(), key=lambda kv: -kv[1]["unfused_ms"])]

@@ -133,15 +133,16 @@ def main() -> None:
     if not args.no_compile and not args.backend_only:
         try:
             half_cl = build(args.variant).to(dev).eval().half_networks().to(memory_format=torch.channels_last)
-            comp = torch.compile(half_cl, dynamic=False, mode=None if args.compile_mode == "default" else args.compile_mode)
+            mode = None if args.compile_mode == "default" else args.compile_mode
+            comp = torch.compile(half_cl, dynamic=False, mode=mode)
             with torch.inference_mode():
                 for b, x in frames.items():
                     t0 = time.time()
                     comp(x)
                     log.info("compiled batch %d in %.0fs", b, time.time() - t0)
                     g = graphed(comp, x)
-                    mode = "" if args.compile_mode == "default" else f" ({args.compile_mode})"
-                    add(f"fp16 + CL + torch.compile{mode} + CUDA graph", b, timed(g, x), max_err(g(x), refs[b]))
+                    add(f"fp16 + CL + torch.compile{f' ({mode})' if mode else ''} + CUDA graph", b, timed(g, x),
+                        max_err(g(x), refs[b]))
             compiled_ok = True
         except Exception as e:  # inductor problems must not lose the other numbers
             log.warning("torch.compile step failed: %s", str(e).splitlines()[0][:200])

@@ -130,9 +130,13 @@ def run_outputs(model: EfficientAD, frames: np.ndarray, device: str, batch: int 
                       "image_score", "anomaly_map")) -> dict[str, np.ndarray]:
     """Deployed-graph outputs for uint8 frames, stacked as float32 numpy."""
     model.eval()
+    return _stacked((model(torch.from_numpy(b).to(device)) for b in _batches(frames, batch)), keys)
+
+
+def _stacked(outputs, keys) -> dict[str, np.ndarray]:
+    """The named outputs of successive batches, concatenated as float32 numpy."""
     acc: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for b in _batches(frames, batch):
-        out = model(torch.from_numpy(b).to(device))
+    for out in outputs:
         for k in keys:
             acc[k].append(out[k].float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in acc.items()}
@@ -152,13 +156,8 @@ def rescore(model: EfficientAD, raw: dict[str, np.ndarray], device: str, batch: 
     """Deployed outputs of stored ``raw_outputs`` under the model's current constants and smoothing,
     without running the networks (``EfficientAD.decide``; maps at the model's input size)."""
     size = (model.cfg.image_size, model.cfg.image_size)
-    acc: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for i in range(0, len(raw["features"]), batch):
-        part = [torch.from_numpy(raw[k][i:i + batch]).to(device) for k in RAW_KEYS]
-        out = model.decide(*part, size)
-        for k in keys:
-            acc[k].append(out[k].float().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in acc.items()}
+    parts = zip(*(_batches(raw[k], batch) for k in RAW_KEYS))
+    return _stacked((model.decide(*(torch.from_numpy(p).to(device) for p in part), size) for part in parts), keys)
 
 
 def fit_map_normalization(raw_val: dict[str, np.ndarray]):

@@ -60,6 +60,7 @@ class InputSpec:
     color_order: str = "BGR"  # OpenCV's order: camera frames go in unconverted
     batch: int | str = 1  # fixed size, or "dynamic"
     resize: str = "area"  # host-side cv2 interpolation used to fit frames to (height, width)
+    fit: str = "stretch"  # how a frame of another aspect is fitted: stretch | letterbox | center_crop
     in_graph: list[str] = field(default_factory=lambda: ["cast", "color_order", "scale_1/255", "mean_std", "to_NCHW"])
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, on [0,1]
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])

@@ -84,7 +84,7 @@ class Model:
     def prepare(self, frames: list[np.ndarray]) -> np.ndarray:
         """BGR frames of any size -> uint8 NHWC batch at the graph's input size."""
         spec = self.sidecar.input
-        batch = batch_frames(frames, self.height, self.width, spec.resize)
+        batch = batch_frames(frames, self.height, self.width, spec.resize, spec.fit)
         if spec.color_order == "RGB":
             batch = np.ascontiguousarray(batch[..., ::-1])
         return batch

@@ -13,8 +13,9 @@ from .fitting import KEEP_GATE, CalibrationError, parse_gate
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m calibration", description="Fit the PUAD Gaussian, map quantiles and "
-                                "the OK/NG threshold of a deployed model from good images (no torch needed).")
+    p = argparse.ArgumentParser(prog="python -m calibration", description="Fit the map quantiles, the Gaussian "
+                                "(where the model has one), the score normalization and the OK/NG threshold of a "
+                                "deployed model from good images (no torch needed).")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="refit all constants and rewrite the model + sidecar (backup kept as .bak)")
     f.add_argument("--model", required=True, help="model.onnx or model.engine (sidecar next to it)")
@@ -25,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--puad-weight", type=float, help="weight of the unpicturable score (default: keep the model's)")
     f.add_argument("--puad-gate", type=parse_gate, default=KEEP_GATE, metavar="Z|none",
                    help="z above which the unpicturable score counts; none: plain sum (default: keep the model's)")
+    f.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="multi-class model: fit only this product class's threshold from its good images")
+    f.add_argument("--any-aspect", action="store_true",
+                   help="accept images whose aspect differs from the training images' (a deliberate new view)")
     f.add_argument("--dry-run", action="store_true", help="compute and print, change nothing")
     r = sub.add_parser("report", help="score images with the model as deployed; statistics and a histogram PNG")
     r.add_argument("--model", required=True)
@@ -44,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             from .field import calibrate, summary
 
             res = calibrate(args.model, args.good, args.defects, args.target_fpr, args.max_images, args.puad_weight,
-                            dry_run=args.dry_run, puad_gate=args.puad_gate)
+                            dry_run=args.dry_run, puad_gate=args.puad_gate, class_name=args.class_name,
+                            any_aspect=args.any_aspect)
             print(json.dumps(summary(res), indent=2))
         else:
             from .report import report

@@ -1,11 +1,11 @@
 """Field calibration: refit every decision constant of a deployed artifact from good frames.
 
-Runs the deployed model (through the runtime, no torch) over good images, then:
-map quantiles (q_a/q_b) from the raw maps; the Gaussian from pooled features (2-fold,
-so each image gets an out-of-sample Mahalanobis score, then a final fit on all);
-score z-normalization; the OK/NG threshold at a target FPR, or at F1-max when
-labelled defects are given. The artifact is rewritten atomically with a backup;
-any failure leaves it byte-identical.
+Runs the deployed model (through the runtime, no torch) over good images, keeps its raw outputs
+(raw maps, pooled features), and fits the head's constants with ``calibration.headfit`` -- the same
+procedure training uses -- scoring every candidate through the graph's own post-network part
+(``calibration.graph_part``), so thresholds are set on the scores the deployed model produces.
+The artifact is rewritten atomically with a backup; any failure leaves it byte-identical.
+Nothing here names a model family: what a graph has is read from its sidecar roles.
 """
 from __future__ import annotations
 
@@ -20,16 +20,17 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from runtime.artifact import (ArtifactError, GaussianInfo, Normalization, ScoreSpec, Thresholds, read_sidecar,
-                              sidecar_path, write_sidecar)
+from runtime.artifact import ArtifactError, read_sidecar, sidecar_path, write_sidecar
 from runtime.model import Model
 
 from . import fitting
 from .fitting import CalibrationError
+from .graph_part import GraphPart, source_graph
+from .headfit import HeadFit, fit_head
 
 log = logging.getLogger(__name__)
 
-REQUIRED_OUTPUTS = ("features", "map_st_raw", "map_ae_raw", "picturable_score")
+ASPECT_TOLERANCE = 0.1  # relative slack around the training images' aspect range
 
 
 def iter_images(source: str, max_images: int | None = None) -> Iterable[np.ndarray]:
@@ -68,113 +69,127 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
-def check_frame(frame: np.ndarray, expected: list[int] | None, where: str) -> None:
-    """Refuse frames whose colour or aspect differs from the training images (wrong camera or setting).
+@dataclass
+class FrameCheck:
+    """What the training images were: colour or not, their range of aspects (width / height)."""
 
-    expected: [height, width, channels] of the training images (channels 1 = grayscale).
-    """
-    if not expected:
-        return
-    eh, ew, ec = expected
-    gray = frame.ndim == 2 or frame.shape[2] == 1 or (
-        np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
-    if ec == 3 and gray:
-        raise CalibrationError(f"{where}: grayscale image, but the model was trained on colour images; "
-                               "use the colour camera setting")
-    aspect, easpect = frame.shape[1] / frame.shape[0], ew / eh
-    if abs(aspect / easpect - 1) > 0.1:
-        raise CalibrationError(f"{where}: image is {frame.shape[1]}x{frame.shape[0]} (aspect {aspect:.2f}), training images "
-                               f"were {ew}x{eh} (aspect {easpect:.2f}); crop the camera image like the training images")
+    colour: bool | None = None
+    aspect_range: tuple[float, float] | None = None
+    fit: str = "stretch"
+
+    @classmethod
+    def from_sidecar(cls, sc) -> "FrameCheck":
+        prov = sc.provenance
+        rng = prov.get("source_aspects")
+        shape = prov.get("source_shape")
+        if rng is None and shape:  # artifacts that recorded one training image's shape
+            rng = [shape[1] / shape[0]] * 2
+        colour = None if not shape else shape[2] == 3
+        if "source_colour" in prov:
+            colour = bool(prov["source_colour"])
+        return cls(colour, tuple(rng) if rng else None, sc.input.fit)
+
+    def check(self, frame: np.ndarray, where: str) -> None:
+        """Refuse frames whose colour or aspect the model never saw (wrong camera or setting)."""
+        gray = frame.ndim == 2 or frame.shape[2] == 1 or (
+            np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
+        if self.colour and gray:
+            raise CalibrationError(f"{where}: grayscale image, but the model was trained on colour images; "
+                                   "use the colour camera setting")
+        if self.aspect_range is None or self.fit != "stretch":
+            return  # letterbox / center_crop keep the geometry of any aspect
+        lo, hi = self.aspect_range
+        aspect = frame.shape[1] / frame.shape[0]
+        if not lo / (1 + ASPECT_TOLERANCE) <= aspect <= hi * (1 + ASPECT_TOLERANCE):
+            span = f"{lo:.2f}" if abs(hi - lo) < 1e-3 else f"{lo:.2f}-{hi:.2f}"
+            raise CalibrationError(f"{where}: image is {frame.shape[1]}x{frame.shape[0]} (aspect {aspect:.2f}), training "
+                                   f"images had aspect {span}; crop the camera image like the training images, "
+                                   "or pass --any-aspect if this view is intended")
 
 
 @dataclass
 class Collected:
-    features: np.ndarray
-    map_st: np.ndarray
-    map_ae: np.ndarray
+    raw_maps: np.ndarray  # float32 [N,K,h,w]
+    features: np.ndarray | None  # float32 [N,D] (families with a Gaussian component)
+
+    def __len__(self) -> int:
+        return len(self.raw_maps)
 
 
-def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: str = "good images") -> Collected:
-    missing = [k for k in REQUIRED_OUTPUTS if k not in model.backend.output_names]
+def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: str = "good images",
+            any_aspect: bool = False) -> Collected:
+    """Run the deployed model over frames; keep its raw outputs (role 'raw' in the sidecar)."""
+    sc = model.sidecar
+    has_gaussian = "features" in sc.roles
+    need = ["raw_maps"] + (["features"] if has_gaussian else [])
+    missing = [k for k in need if k not in model.backend.output_names]
     if missing:
         raise CalibrationError(f"{model.path}: model lacks outputs {missing} needed for calibration; "
                                "re-export it with `python -m export onnx`")
-    expected = model.sidecar.provenance.get("source_shape")
-    feats, st, ae = [], [], []
+    check = FrameCheck.from_sidecar(sc)
+    if any_aspect:
+        check.aspect_range = None
+    maps, feats = [], []
 
     def checked():
         for i, f in enumerate(frames):
-            check_frame(f, expected, f"image {i}")
+            check.check(f, f"image {i}")
             yield f
 
     for chunk in batched(tqdm(checked(), desc=desc, leave=False), batch):
         out = model.infer(model.prepare(chunk))
-        feats.append(out["features"])
-        st.append(out["map_st_raw"][:, 0])
-        ae.append(out["map_ae_raw"][:, 0])
-    if not feats:
+        maps.append(np.asarray(out["raw_maps"], np.float32))
+        if has_gaussian:
+            feats.append(np.asarray(out["features"], np.float32))
+    if not maps:
         raise CalibrationError("no images were read")
-    return Collected(np.concatenate(feats), np.concatenate(st), np.concatenate(ae))
-
-
-def picturable_from_maps(map_st: np.ndarray, map_ae: np.ndarray, norm: Normalization) -> np.ndarray:
-    """Same formula as the graph: max over the combined normalized map."""
-    a, b, c, d = norm.affine()
-    m = (map_st * a + b) + (map_ae * c + d)
-    return m.reshape(len(m), -1).max(1)
+    return Collected(np.concatenate(maps), np.concatenate(feats) if has_gaussian else None)
 
 
 @dataclass
-class CalibrationResult:
-    constants: dict[str, np.ndarray]
-    normalization: Normalization
-    gaussian: GaussianInfo
-    score: ScoreSpec
-    thresholds: Thresholds
-    n_images: int
-    good_scores: np.ndarray
-    defect_scores: np.ndarray | None
+class CalibrationResult(HeadFit):
+    class_name: str | None = None
+
+
+def graph_scorer(model_path: Path, sc) -> GraphPart:
+    return GraphPart(source_graph(Path(model_path), sc), "features" in sc.roles)
 
 
 def compute(model: Model, good: Collected, defects: Collected | None = None, target_fpr: float = 0.01,
             puad_weight: float | None = None, estimator: str = "ledoit_wolf",
             puad_gate: float | None | object = fitting.KEEP_GATE) -> CalibrationResult:
-    n = len(good.features)
-    need = fitting.required_images(good.features.shape[1])
-    if n < 2 * need:  # 2-fold: each half must carry a Gaussian
-        raise CalibrationError(f"{n} good images are too few for {good.features.shape[1]}-dimensional features; "
-                               f"give at least {2 * need}")
-    norm = fitting.map_quantiles(good.map_st, good.map_ae)
-    pic = picturable_from_maps(good.map_st, good.map_ae, norm)
-    rng = np.random.default_rng(0)
-    idx = rng.permutation(n)
-    halves = (idx[: n // 2], idx[n // 2:])
-    unpic = np.empty(n)
-    for a, b in (halves, halves[::-1]):
-        g = fitting.fit_gaussian(good.features[a], estimator)
-        unpic[b] = fitting.mahalanobis(good.features[b], g)
-    g_all = fitting.fit_gaussian(good.features, estimator)
-    w = model.sidecar.score.puad_weight if puad_weight is None else puad_weight
-    gate = model.sidecar.score.puad_gate if puad_gate is fitting.KEEP_GATE else puad_gate
-    spec = fitting.score_normalization(pic, unpic, w, gate)
-    good_scores = fitting.combine_scores(pic, unpic, spec)
-    defect_scores = None
-    if defects is not None and len(defects.features):
-        d_pic = picturable_from_maps(defects.map_st, defects.map_ae, norm)
-        d_unpic = fitting.mahalanobis(defects.features, g_all)
-        defect_scores = fitting.combine_scores(d_pic, d_unpic, spec)
-        thr = fitting.threshold_f1(good_scores, defect_scores)
-    else:
-        thr = fitting.threshold_at_fpr(good_scores, target_fpr)
-    center, weight = fitting.score_constants(spec)
-    st_scale, st_shift, ae_scale, ae_shift = norm.affine()
-    constants = {
-        "st_scale": np.float32(st_scale), "st_shift": np.float32(st_shift),
-        "ae_scale": np.float32(ae_scale), "ae_shift": np.float32(ae_shift),
-        "gaussian_mean": g_all.mean.astype(np.float32), "gaussian_whitener": g_all.whitener.astype(np.float32),
-        "score_center": center.astype(np.float32), "score_weight": weight.astype(np.float32),
-    }
-    return CalibrationResult(constants, norm, g_all.info, spec, thr, n, good_scores, defect_scores)
+    """Every head constant from good images, scored by the graph's own post-network part."""
+    sc = model.sidecar
+    w = sc.score.puad_weight if puad_weight is None else puad_weight
+    gate = sc.score.puad_gate if puad_gate is fitting.KEEP_GATE else puad_gate
+    fit = fit_head(good.raw_maps, good.features, graph_scorer(model.path, sc), list(sc.head.get("map_names", [])),
+                   puad_weight=w, puad_gate=gate, target_fpr=target_fpr,
+                   defects=None if defects is None else (defects.raw_maps, defects.features), estimator=estimator)
+    return CalibrationResult(**{f.name: getattr(fit, f.name) for f in dataclasses.fields(HeadFit)})
+
+
+def compute_class_threshold(model: Model, good: Collected, class_name: str, target_fpr: float = 0.01) -> CalibrationResult:
+    """A per-class threshold of a multi-class model: the model's current constants, this class's good images."""
+    from runtime.artifact import GaussianInfo
+
+    part = graph_scorer(model.path, model.sidecar)
+    consts = current_constants(model.path, model.sidecar)
+    scores = part(consts, good.raw_maps, good.features)["image_score"]
+    thr = fitting.threshold_at_fpr(scores, target_fpr)
+    thr.fit_fpr = float((scores >= thr.image).mean())
+    sc = model.sidecar
+    return CalibrationResult(consts, sc.normalization, sc.gaussian if sc.gaussian else GaussianInfo(), sc.score, thr,
+                             len(good), scores, scores, None, class_name=class_name)
+
+
+def current_constants(model_path: Path, sc) -> dict[str, np.ndarray]:
+    """The calibration initializers as stored in the artifact's (source) ONNX."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(source_graph(Path(model_path), sc)))
+    inits = {i.name: i for i in m.graph.initializer}
+    return {n: numpy_helper.to_array(inits[n]) for n in sc.calibration_initializers if n in inits}
 
 
 def write_onnx_constants(model_path: Path, constants: dict[str, np.ndarray]) -> bytes:
@@ -188,8 +203,11 @@ def write_onnx_constants(model_path: Path, constants: dict[str, np.ndarray]) -> 
         if name not in inits:
             raise CalibrationError(f"{model_path}: no initializer {name!r}; re-export the model with `python -m export onnx`")
         old = numpy_helper.to_array(inits[name])
-        new = np.asarray(value, dtype=old.dtype).reshape(old.shape)
-        inits[name].CopyFrom(numpy_helper.from_array(new, name))
+        new = np.asarray(value, dtype=old.dtype)
+        if new.size != old.size:
+            raise CalibrationError(f"{model_path}: constant {name!r} has {new.size} values, the graph holds {old.size}; "
+                                   "re-export the model")
+        inits[name].CopyFrom(numpy_helper.from_array(new.reshape(old.shape), name))
     return m.SerializeToString()
 
 
@@ -199,52 +217,74 @@ def apply(model_path: str | Path, result: CalibrationResult, source: str, backup
 
     model_path = Path(model_path)
     sc = read_sidecar(model_path)
-    suffix = model_path.suffix.lower()
-    if suffix == ".onnx":
-        data = write_onnx_constants(model_path, result.constants)
-    elif suffix in (".engine", ".plan"):
-        from runtime.backends.tensorrt_backend import refit_engine
-
-        data = refit_engine(model_path, result.constants)
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if result.class_name is not None:  # per-class threshold only: the graph is unchanged
+        data = None
     else:
-        raise ArtifactError(f"{model_path}: calibration rewrites .onnx and TensorRT engines; re-export {suffix} models")
+        suffix = model_path.suffix.lower()
+        if suffix == ".onnx":
+            data = write_onnx_constants(model_path, result.constants)
+        elif suffix in (".engine", ".plan"):
+            from runtime.backends.tensorrt_backend import refit_engine
+
+            data = refit_engine(model_path, result.constants)
+        else:
+            raise ArtifactError(f"{model_path}: calibration rewrites .onnx and TensorRT engines; re-export {suffix} models")
     if backup:
         shutil.copy2(model_path, model_path.with_name(model_path.name + ".bak"))
         shutil.copy2(sidecar_path(model_path), sidecar_path(model_path).with_name(sidecar_path(model_path).name + ".bak"))
-    sc.normalization = result.normalization
-    sc.gaussian = result.gaussian
-    sc.score = result.score
-    sc.thresholds = result.thresholds
-    sc.provenance["calibration"] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                                    "source": source, "n_images": result.n_images}
+    record = {"date": date, "source": source, "n_images": result.n_images}
+    if result.class_name is not None:
+        sc.thresholds.per_class[result.class_name] = result.thresholds.image
+        sc.provenance.setdefault("class_calibration", {})[result.class_name] = {
+            **record, "target_fpr": result.thresholds.target_fpr, "fit_fpr": result.thresholds.fit_fpr}
+    else:
+        per_class = sc.thresholds.per_class
+        if per_class:
+            log.warning("the constants changed: per-class thresholds %s were dropped; refit them with --class",
+                        sorted(per_class))
+        sc.normalization = result.normalization
+        sc.gaussian = result.gaussian
+        sc.score = result.score
+        sc.thresholds = result.thresholds
+        sc.provenance["calibration"] = record
     # write the model first, then the sidecar stamped with the new hash; a crash between the two
     # is detected by the hash check and repaired from the .bak files
-    atomic_write_bytes(model_path, data)
+    if data is not None:
+        atomic_write_bytes(model_path, data)
     write_sidecar(model_path, sc)
     return model_path
 
 
 def calibrate(model_path: str | Path, good: str, defects: str | None = None, target_fpr: float = 0.01,
               max_images: int | None = None, puad_weight: float | None = None, dry_run: bool = False,
-              puad_gate: float | None | object = fitting.KEEP_GATE, backup: bool = True) -> CalibrationResult:
+              puad_gate: float | None | object = fitting.KEEP_GATE, backup: bool = True,
+              class_name: str | None = None, any_aspect: bool = False) -> CalibrationResult:
     """Refit every constant of a deployed model on good images and rewrite it in place.
 
+    ``class_name``: only fit that product class's threshold of a multi-class model (constants kept).
     ``backup=False`` for a model the caller has just written itself (export's INT8 refit):
     a ``.bak`` of it would only be litter."""
     model = Model(model_path, warmup=0)
-    g = collect(model, iter_images(good, max_images))
-    d = collect(model, iter_images(defects, max_images), desc="defect images") if defects else None
-    result = compute(model, g, d, target_fpr, puad_weight, puad_gate=puad_gate)
+    g = collect(model, iter_images(good, max_images), any_aspect=any_aspect)
+    if class_name is not None:
+        result = compute_class_threshold(model, g, class_name, target_fpr)
+    else:
+        d = collect(model, iter_images(defects, max_images), desc="defect images", any_aspect=any_aspect) if defects else None
+        result = compute(model, g, d, target_fpr, puad_weight, puad_gate=puad_gate)
     model.close()
     if not dry_run:
         apply(model_path, result, source=str(good), backup=backup)
-    log.info("calibrated %s on %d images: threshold %.4f (%s), expected FPR %s, condition number %.3g",
+    log.info("calibrated %s on %d images: threshold %.4f (%s), expected FPR %s, FPR on these images %s",
              model_path, result.n_images, result.thresholds.image, result.thresholds.method,
-             result.thresholds.expected_fpr, result.gaussian.condition_number)
+             result.thresholds.expected_fpr, result.thresholds.fit_fpr)
     return result
 
 
 def summary(result: CalibrationResult) -> dict:
-    return {"n_images": result.n_images, "normalization": dataclasses.asdict(result.normalization),
+    return {"n_images": result.n_images, "class": result.class_name,
+            "normalization": dataclasses.asdict(result.normalization),
             "gaussian": dataclasses.asdict(result.gaussian), "score": dataclasses.asdict(result.score),
-            "thresholds": dataclasses.asdict(result.thresholds)}
+            "thresholds": dataclasses.asdict(result.thresholds),
+            "good_scores": {"min": float(result.good_scores.min()), "median": float(np.median(result.good_scores)),
+                            "max": float(result.good_scores.max())}}

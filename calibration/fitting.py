@@ -1,7 +1,8 @@
 """The statistics behind every decision constant, in numpy + scikit-learn.
 
-Used by training (first fit) and by field calibration (refit from a deployed model),
-so both produce the same constants from the same data.
+Only statistics live here (quantiles, the Gaussian fit, score normalization, thresholds);
+scores are never re-computed here: ``calibration.headfit`` gets them from the deployed
+graph's own post-network part (or, at training time, from the same torch head).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class GaussianFit:
 def fit_gaussian(features: np.ndarray, estimator: str = "ledoit_wolf") -> GaussianFit:
     """features: float [N,D] pooled features of good images -> mean and whitener.
 
-    Mahalanobis distance is then ||(f - mean) @ whitener||, one matmul in the graph.
+    The deploy head's Mahalanobis distance is then ||(f - mean) @ whitener||, one matmul.
     """
     from sklearn.covariance import OAS, LedoitWolf
 
@@ -79,63 +80,66 @@ def fit_gaussian(features: np.ndarray, estimator: str = "ledoit_wolf") -> Gaussi
     return GaussianFit(fit.location_, whitener, info)
 
 
-def mahalanobis(features: np.ndarray, g: GaussianFit) -> np.ndarray:
-    """[N,D] -> [N] distances (same formula as the graph)."""
-    z = (np.asarray(features, np.float64) - g.mean) @ g.whitener
-    return np.sqrt((z * z).sum(1) + 1e-12)
+MAP_LEVEL = 0.1  # value of the normalized map at the q_b quantile of good images (EfficientAD's convention)
 
 
-def map_quantiles(st_maps: np.ndarray, ae_maps: np.ndarray, qa: float = 0.9, qb: float = 0.995) -> Normalization:
-    """Raw maps of held-out good images ([N,...] each) -> EfficientAD's q_a/q_b per map."""
-    st = np.asarray(st_maps, np.float64).ravel()
-    ae = np.asarray(ae_maps, np.float64).ravel()
-    if st.size == 0:
-        raise CalibrationError("no maps to compute quantiles from")
-    q_st = np.quantile(st, [qa, qb])
-    q_ae = np.quantile(ae, [qa, qb])
-    n = len(st_maps)
-    return Normalization(float(q_st[0]), float(q_st[1]), float(q_ae[0]), float(q_ae[1]), qa, qb, n)
+def map_quantiles(raw_maps: np.ndarray, map_names: list[str] | tuple[str, ...], qa: float = 0.9,
+                  qb: float = 0.995) -> Normalization:
+    """Raw maps of good images [N,K,h,w] -> q_a/q_b of each of the K maps over all pixels."""
+    m = np.asarray(raw_maps, np.float64)
+    if m.ndim != 4 or m.shape[0] == 0:
+        raise CalibrationError(f"raw maps must be [N,K,h,w] with N >= 1, got shape {m.shape}")
+    if m.shape[1] != len(map_names):
+        raise CalibrationError(f"model has {m.shape[1]} raw maps but its sidecar names {len(map_names)}; re-export it")
+    if not np.isfinite(m).all():
+        raise CalibrationError("raw maps contain NaN/Inf; the model output is broken - re-export it")
+    lo, hi = [], []
+    for k in range(m.shape[1]):
+        q = np.quantile(m[:, k].ravel(), [qa, qb])
+        lo.append(float(q[0]))
+        hi.append(float(q[1]))
+    return Normalization(list(map_names), lo, hi, qa, qb, int(m.shape[0]))
 
 
-def score_normalization(picturable: np.ndarray, unpicturable: np.ndarray, weight: float = 0.5,
+def map_affine(norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """(map_scale [K], map_shift [K]) of the head: map k -> 0 at q_a, MAP_LEVEL at q_b, maps averaged."""
+    k = len(norm.q_low)
+    span = np.maximum(np.asarray(norm.q_high, np.float64) - np.asarray(norm.q_low, np.float64), 1e-12)
+    scale = MAP_LEVEL / (k * span)
+    return scale, -scale * np.asarray(norm.q_low, np.float64)
+
+
+def score_normalization(map_scores: np.ndarray, gaussian_scores: np.ndarray | None, weight: float = 0.5,
                         gate: float | None = None) -> ScoreSpec:
-    """z-normalize both scores on good images; the PUAD weight mixes them, the gate (in
-    standard deviations, ``None`` = plain sum) says where the unpicturable score starts to count."""
+    """z-normalize the component scores on good images; the PUAD weight mixes them, the gate (in
+    standard deviations, ``None`` = plain sum) says where the Gaussian score starts to count."""
     if not 0.0 <= weight <= 1.0:
         raise CalibrationError(f"PUAD weight {weight} must lie in [0, 1]")
     if gate is not None and not np.isfinite(gate):
         raise CalibrationError(f"PUAD gate {gate} must be a finite number of standard deviations (or none)")
-    p, u = np.asarray(picturable, np.float64), np.asarray(unpicturable, np.float64)
+    p = np.asarray(map_scores, np.float64)
+    if gaussian_scores is None:
+        return ScoreSpec(float(p.mean()), float(max(p.std(), 1e-6)), 0.0, 1.0, 0.0, None)
+    u = np.asarray(gaussian_scores, np.float64)
     return ScoreSpec(float(p.mean()), float(max(p.std(), 1e-6)), float(u.mean()), float(max(u.std(), 1e-6)), weight,
                      None if gate is None else float(gate))
 
 
-def score_constants(spec: ScoreSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(score_center [2], score_weight [2]) as the graph uses them:
-    image = d_p + max(d_u, 0) with d = (score - center) * weight.
+def score_constants(spec: ScoreSpec, has_gaussian: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(score_center, score_weight) as the head uses them: image = d_0 + max(d_1, 0) with
+    d = (scores - center) * weight ([1] each without a Gaussian: image = d_0).
 
-    The gate moves the unpicturable centre to mean + gate * std. Without a gate the centre
-    is 0: a Mahalanobis distance is never negative, so max(d_u, 0) = d_u and the graph
-    computes the plain weighted sum (shifted by a constant the threshold absorbs).
+    The gate moves the Gaussian centre to mean + gate * std. Without a gate the centre is 0:
+    a Mahalanobis distance is never negative, so max(d_1, 0) = d_1 and the head computes the
+    plain weighted sum (shifted by a constant the threshold absorbs).
     """
+    if not has_gaussian:
+        return np.array([spec.map_mean]), np.array([1.0 / spec.map_std])
     gate = spec.puad_gate
-    u_center = 0.0 if gate is None else spec.unpicturable_mean + gate * spec.unpicturable_std
-    center = np.array([spec.picturable_mean, u_center])
-    weight = np.array([(1 - spec.puad_weight) / spec.picturable_std, spec.puad_weight / spec.unpicturable_std])
+    u_center = 0.0 if gate is None else spec.gaussian_mean + gate * spec.gaussian_std
+    center = np.array([spec.map_mean, u_center])
+    weight = np.array([(1 - spec.puad_weight) / spec.map_std, spec.puad_weight / spec.gaussian_std])
     return center, weight
-
-
-def gated_sum(picturable, unpicturable, center: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """The graph's image score from its two constants, in numpy: d_p + max(d_u, 0)."""
-    both = np.stack([np.atleast_1d(np.asarray(picturable, np.float64)),
-                     np.atleast_1d(np.asarray(unpicturable, np.float64))], 1)
-    d = (both - np.asarray(center, np.float64)) * np.asarray(weight, np.float64)
-    return d[:, 0] + np.maximum(d[:, 1], 0.0)
-
-
-def combine_scores(picturable: np.ndarray, unpicturable: np.ndarray, spec: ScoreSpec) -> np.ndarray:
-    """The graph's image score for a score spec (see ``score_constants``)."""
-    return gated_sum(picturable, unpicturable, *score_constants(spec))
 
 
 def threshold_at_fpr(good_scores: np.ndarray, target_fpr: float) -> Thresholds:
@@ -147,7 +151,9 @@ def threshold_at_fpr(good_scores: np.ndarray, target_fpr: float) -> Thresholds:
         raise CalibrationError(f"target FPR {target_fpr} must lie in [0, 1)")
     k = int(np.ceil(len(s) * (1 - target_fpr))) - 1  # allowed positives: floor(n*fpr)
     k = min(max(k, 0), len(s) - 1)
-    thr = float(np.nextafter(s[k], np.inf))  # NG iff score >= thr
+    # NG iff score >= thr. The graph's scores are float32 and runtimes compare them in float32 (numpy casts a
+    # Python float to the array's dtype): the threshold is the next float32 above, so both precisions agree
+    thr = float(np.nextafter(np.float32(s[k]), np.float32(np.inf)))
     fpr = float((s >= thr).mean())
     return Thresholds(image=thr, method="target_fpr", target_fpr=target_fpr, expected_fpr=fpr)
 

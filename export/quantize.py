@@ -86,11 +86,12 @@ def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Pa
     import onnx
 
     graph = onnx.load(str(model_path))
-    teacher = [n.name for n in graph.graph.node if "/teacher/" in n.name]
-    # the map smoothing filters the final map: 8-bit steps there would show up as score noise
-    exclude = [n.name for n in graph.graph.node if "/map_smoothing/" in n.name] + ([] if quantize_teacher else teacher)
-    if not quantize_teacher and not teacher:
-        log.warning("no teacher nodes found by name; quantizing every convolution")
+    # the family's export policy names the parts that stay fp32: always the deploy head (its smoothing filters
+    # the final map: 8-bit steps there would show up as score noise), and e.g. a frozen teacher whose features
+    # are divided by small stds (unless ``quantize_teacher``, i.e. --int8-all)
+    keep = sc.provenance.get("export_policy", {}).get("int8_keep_fp32", ["/head/"])
+    keep = ["/head/"] + [k for k in keep if k != "/head/" and not quantize_teacher]
+    exclude = [n.name for n in graph.graph.node if any(k in n.name for k in keep)]
     tmp = out.with_name(out.name + ".partial")
     try:
         quantize_static(str(model_path), str(tmp), _Reader(files, sc.input.height, sc.input.width, "frames", batch),
@@ -101,6 +102,6 @@ def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Pa
         tmp.unlink(missing_ok=True)
     sc.precision = "int8-qdq"
     sc.provenance["int8"] = {"calibration_images": str(calib_images), "n": len(files), "method": "percentile 99.99",
-                             "target": target, "teacher_quantized": quantize_teacher or not teacher}
+                             "target": target, "kept_fp32": keep}
     write_sidecar(out, sc)
     return out

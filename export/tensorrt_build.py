@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from runtime.artifact import CALIBRATION_INITIALIZERS, ArtifactError, atomic_write_bytes, read_sidecar, write_sidecar
+from runtime.artifact import ArtifactError, atomic_write_bytes, read_sidecar, write_sidecar
 from runtime.backends.base import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, fp16: bool = False, int
     if int8:
         config.set_flag(trt.BuilderFlag.INT8)
     config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
-    for name in CALIBRATION_INITIALIZERS:
+    for name in sc.calibration_initializers:
         if not network.mark_weights_refittable(name):
             log.warning("could not mark %s refittable; calibration will have to rebuild this engine", name)
     inp = network.get_input(0)

@@ -23,26 +23,20 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SIDECAR_FORMAT = 1
+SIDECAR_FORMAT = 2
 SIDECAR_SUFFIX = ".json"
+SCHEMA_FILE = Path(__file__).with_name("sidecar.schema.json")
 
-# Output names of every exported graph and what they mean. The runtime relies on these.
-OUTPUT_MEANINGS: dict[str, str] = {
-    "anomaly_map": "float32 [N,1,H,W], quantile-normalized combined map at input size; 0 ~ q_a, 0.1 ~ q_b of good images",
-    "picturable_score": "float32 [N], EfficientAD image score (max of the normalized map)",
-    "unpicturable_score": "float32 [N], Mahalanobis distance of pooled student features to the good-image Gaussian",
-    "image_score": "float32 [N], PUAD score: (1-w) z_p + w max(z_u - gate, 0) of both scores z-normalized on good images",
-    "features": "float32 [N,D], pooled student features (for field calibration of the Gaussian)",
-    "map_st_raw": "float32 [N,1,h,w], raw student-teacher map before quantile normalization",
-    "map_ae_raw": "float32 [N,1,h,w], raw student-autoencoder map before quantile normalization",
+# Standard outputs of every exported graph (role "required"), and the shared head's others.
+STANDARD_OUTPUTS: dict[str, tuple[str, str]] = {
+    "anomaly_map": ("required", "float32 [N,1,H,W], normalized map at input size; 0 ~ q_a, 0.1 ~ q_b of good images"),
+    "image_score": ("required", "float32 [N], the decision score: NG iff image_score >= thresholds.image"),
+    "map_score": ("component", "float32 [N], max of the normalized, smoothed map"),
+    "gaussian_score": ("component", "float32 [N], Mahalanobis distance of pooled features to the good-image Gaussian"),
+    "features": ("raw", "float32 [N,D], pooled features (field calibration fits the Gaussian on them)"),
+    "raw_maps": ("raw", "float32 [N,K,h,w], the family's raw maps before normalization (field calibration)"),
 }
-
-# Named ONNX initializers that calibration may rewrite without re-export.
-CALIBRATION_INITIALIZERS = (
-    "st_scale", "st_shift", "ae_scale", "ae_shift",
-    "gaussian_mean", "gaussian_whitener",
-    "score_center", "score_weight",
-)
+ROLES = ("required", "component", "raw")
 
 
 class ArtifactError(ValueError):
@@ -68,35 +62,20 @@ class InputSpec:
 
 @dataclass
 class Normalization:
-    """EfficientAD map normalization: q_a -> 0, q_b -> 0.1 for each map, as scale/shift."""
+    """Map normalization of the head: each raw map k sent to 0 at its q_a and 0.1 at its q_b
+    quantile over good images, then the K maps averaged (``head.map_affine``)."""
 
-    q_st_a: float = 0.0
-    q_st_b: float = 1.0
-    q_ae_a: float = 0.0
-    q_ae_b: float = 1.0
+    map_names: list[str] = field(default_factory=list)
+    q_low: list[float] = field(default_factory=list)
+    q_high: list[float] = field(default_factory=list)
     quantile_a: float = 0.9
     quantile_b: float = 0.995
     n_images: int = 0
 
-    def affine(self) -> tuple[float, float, float, float]:
-        """(st_scale, st_shift, ae_scale, ae_shift) such that
-
-        (map_st * st_scale + st_shift) + (map_ae * ae_scale + ae_shift)
-
-        is EfficientAD's combined map: each map sent to 0 at q_a and 0.1 at q_b, then averaged
-        (the averaging 0.5 is folded into the constants).
-        """
-        return (*_affine(self.q_st_a, self.q_st_b), *_affine(self.q_ae_a, self.q_ae_b))
-
-
-def _affine(qa: float, qb: float) -> tuple[float, float]:
-    span = max(qb - qa, 1e-12)
-    return 0.05 / span, -0.05 * qa / span
-
 
 @dataclass
 class GaussianInfo:
-    """Summary of the PUAD Gaussian; the arrays live in the model (named initializers)."""
+    """Summary of the Gaussian component (dim 0 = the family has none); arrays live in the model."""
 
     dim: int = 0
     n_images: int = 0
@@ -107,31 +86,37 @@ class GaussianInfo:
 
 @dataclass
 class ScoreSpec:
-    """PUAD score combination: z = (s - mean) / std, image = (1-w) z_p + w max(z_u - gate, 0).
+    """Score mix: z = (s - mean) / std; image = (1-w) z_map + w max(z_gauss - gate, 0).
 
-    The gate lets the unpicturable (Gaussian) score count only beyond ``gate`` standard
-    deviations of good images, so its noise on ordinary parts does not blur the picturable
-    score on structural defects. ``None`` is the PUAD paper's plain sum (1-w) z_p + w z_u
-    (up to a constant): what sidecars written before the gate existed mean.
+    Without a Gaussian component, image = z_map. The gate lets the Gaussian score count only
+    beyond ``gate`` standard deviations of good images, so its noise on ordinary parts does not
+    blur the map score on structural defects; ``None`` is the PUAD paper's plain sum.
     """
 
-    picturable_mean: float = 0.0
-    picturable_std: float = 1.0
-    unpicturable_mean: float = 0.0
-    unpicturable_std: float = 1.0
+    map_mean: float = 0.0
+    map_std: float = 1.0
+    gaussian_mean: float = 0.0
+    gaussian_std: float = 1.0
     puad_weight: float = 0.5
     puad_gate: float | None = None
 
 
 @dataclass
 class Thresholds:
-    """OK/NG decision: image_score >= image means NG. pixel applies to anomaly_map."""
+    """OK/NG decision: image_score >= image means NG. pixel applies to anomaly_map.
+
+    per_class: thresholds of a multi-class model per product class (``--class NAME``);
+    expected_fpr: false-alarm rate at ``image`` estimated on held-out scores of good images;
+    fit_fpr: the deployed model's false-alarm rate on the calibration images themselves.
+    """
 
     image: float = 0.0
     pixel: float = 0.1
     method: str = "uncalibrated"
     target_fpr: float | None = None
     expected_fpr: float | None = None
+    fit_fpr: float | None = None
+    per_class: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -139,28 +124,37 @@ class Sidecar:
     model_file: str
     model_sha256: str
     input: InputSpec
-    model_kind: str = "efficientad-puad"
+    family: str = ""
     model_name: str = ""
-    backend_format: str = "onnx"  # onnx | tensorrt
+    backend_format: str = "onnx"  # onnx | tensorrt | torch
     precision: str = "fp32"
-    outputs: dict[str, str] = field(default_factory=lambda: dict(OUTPUT_MEANINGS))
+    outputs: dict[str, str] = field(default_factory=dict)  # name -> meaning
+    roles: dict[str, str] = field(default_factory=dict)  # name -> required | component | raw
+    head: dict[str, Any] = field(default_factory=dict)  # map_names, smoothing_px, has_gaussian
     normalization: Normalization = field(default_factory=Normalization)
     gaussian: GaussianInfo = field(default_factory=GaussianInfo)
     score: ScoreSpec = field(default_factory=ScoreSpec)
     thresholds: Thresholds = field(default_factory=Thresholds)
-    calibration_initializers: list[str] = field(default_factory=lambda: list(CALIBRATION_INITIALIZERS))
+    calibration_initializers: list[str] = field(default_factory=list)
+    family_params: dict[str, Any] = field(default_factory=dict)  # opaque to every runtime
     provenance: dict[str, Any] = field(default_factory=dict)
     format: int = SIDECAR_FORMAT
-    edgead_version: str = "0.1.0"
+    edgead_version: str = "0.2.0"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def outputs_with_role(self, role: str) -> list[str]:
+        return [k for k, r in self.roles.items() if r == role]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "sidecar") -> "Sidecar":
         if not isinstance(d, dict):
             raise ArtifactError(f"{source}: expected a JSON object; re-export the model to get a valid sidecar")
         fmt = d.get("format")
+        if fmt == 1:
+            raise ArtifactError(f"{source}: sidecar format 1 (edgead 0.1); re-export the model with "
+                                "`python -m export onnx CHECKPOINT --out MODEL` (checkpoints of 0.1 still load)")
         if fmt != SIDECAR_FORMAT:
             raise ArtifactError(f"{source}: sidecar format {fmt!r}, this edgead reads {SIDECAR_FORMAT}; re-export the model")
         try:
@@ -169,10 +163,16 @@ class Sidecar:
                    "score": ScoreSpec, "thresholds": Thresholds}
             for key, typ in sub.items():
                 if key in d:
+                    if not isinstance(d[key], dict):
+                        raise TypeError(f"{key!r} must be an object")
                     d[key] = typ(**d[key])
-            return cls(**d)
+            sc = cls(**d)
         except TypeError as e:
             raise ArtifactError(f"{source}: malformed sidecar ({e}); re-export the model") from e
+        bad = {k: r for k, r in sc.roles.items() if r not in ROLES}
+        if bad:
+            raise ArtifactError(f"{source}: unknown output roles {bad}; re-export the model")
+        return sc
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
@@ -245,7 +245,7 @@ def read_sidecar(model_path: str | os.PathLike, verify_hash: bool = True) -> Sid
             raise ArtifactError(
                 f"{model_path}: hash {actual[:12]} does not match its sidecar ({sc.model_sha256[:12]}); "
                 "the model or the sidecar was replaced - copy both from the same export or re-run calibration")
-    missing = [k for k in ("anomaly_map", "image_score") if k not in sc.outputs]
+    missing = [k for k in STANDARD_OUTPUTS if STANDARD_OUTPUTS[k][0] == "required" and k not in sc.outputs]
     if missing:
         raise ArtifactError(f"{sc_path}: outputs {missing} missing; re-export the model")
     return sc

@@ -81,14 +81,19 @@ def _mask_paths(root: Path, defect: str, image: Path) -> list[Path]:
     return []
 
 
-def read_mask(sample: Sample, height: int, width: int) -> np.ndarray:
-    """Ground-truth mask of ``sample`` at (height, width) as bool; all False for good samples."""
+def read_mask(sample: Sample, height: int, width: int, fit: str = "stretch") -> np.ndarray:
+    """Ground-truth mask of ``sample`` at (height, width) as bool, fitted like its image
+    (``runtime.preprocess.fit_geometry``); all False for good samples."""
+    from .preprocess import fit_geometry
+
     mask = np.zeros((height, width), bool)
     for p in sample.mask_paths:
         m = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
         if m is None:
             raise DatasetError(f"{p}: unreadable mask")
-        mask |= cv2.resize(m, (width, height), interpolation=cv2.INTER_NEAREST) > 127
+        (cy, cx, ch, cw), (py, px, ph, pw) = fit_geometry(m.shape[0], m.shape[1], height, width, fit)
+        part = cv2.resize(m[cy:cy + ch, cx:cx + cw], (pw, ph), interpolation=cv2.INTER_NEAREST) > 127
+        mask[py:py + ph, px:px + pw] |= part
     return mask
 
 

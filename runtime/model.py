@@ -26,14 +26,16 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 @dataclass
 class Prediction:
-    """Scores of a batch. Arrays are float32; maps at the graph's input size."""
+    """Scores of a batch. Arrays are float32; maps at the graph's input size.
+
+    scores: the graph's named component scores (role "component" in the sidecar, e.g.
+    map_score, gaussian_score), [N] each; raw: every output as the backend returned it.
+    """
 
     image_score: np.ndarray  # [N]
-    picturable_score: np.ndarray  # [N]
-    unpicturable_score: np.ndarray  # [N]
     anomaly_map: np.ndarray  # [N,H,W]
-    features: np.ndarray | None  # [N,D]
     is_ng: np.ndarray  # [N] bool
+    scores: dict[str, np.ndarray]
     raw: dict[str, np.ndarray]
 
 
@@ -64,18 +66,31 @@ def _backend_for(path: Path, backend: str, device: str, sidecar: Sidecar) -> Bac
 
 class Model:
     def __init__(self, path: str | Path, backend: str = "auto", device: str = "auto", warmup: int = 2,
-                 verify_hash: bool = True):
+                 verify_hash: bool = True, class_name: str | None = None):
         self.path = Path(path)
         self.sidecar = read_sidecar(self.path, verify_hash=verify_hash)
         self.backend = _backend_for(self.path, backend, device, self.sidecar)
         spec = self.sidecar.input
         self.height, self.width = spec.height, spec.width
         self.fixed_batch = spec.batch if isinstance(spec.batch, int) else None
-        self.threshold = float(self.sidecar.thresholds.image)
+        self.class_name = class_name
+        self.threshold = self.threshold_for(class_name)
+        self.components = self.sidecar.outputs_with_role("component")
         log.info("model %s on %s (input %dx%d %s, batch %s)", self.path.name, self.backend.provider,
                  self.height, self.width, spec.color_order, spec.batch)
         for _ in range(warmup):
             self.infer(np.zeros((self.fixed_batch or 1, self.height, self.width, 3), np.uint8))
+
+    def threshold_for(self, class_name: str | None) -> float:
+        """The OK/NG threshold: a product class's own (multi-class models) or the global one."""
+        thr = self.sidecar.thresholds
+        if class_name is None:
+            return float(thr.image)
+        if class_name not in thr.per_class:
+            known = ", ".join(sorted(thr.per_class)) or "none yet"
+            raise ArtifactError(f"{self.path}: no threshold for class {class_name!r} (calibrated: {known}); run "
+                                f"`python -m calibration fit --model {self.path} --good DIR --class {class_name}`")
+        return float(thr.per_class[class_name])
 
     @property
     def provider(self) -> str:
@@ -117,11 +132,9 @@ class Model:
         score = out["image_score"].astype(np.float32).reshape(-1)
         return Prediction(
             image_score=score,
-            picturable_score=out["picturable_score"].reshape(-1),
-            unpicturable_score=out["unpicturable_score"].reshape(-1),
             anomaly_map=out["anomaly_map"][:, 0],
-            features=out.get("features"),
             is_ng=score >= self.threshold,
+            scores={k: np.asarray(out[k], np.float32).reshape(-1) for k in self.components if k in out},
             raw=out,
         )
 

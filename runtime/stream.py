@@ -183,8 +183,7 @@ class Stream:
                     model_t.append(per_frame_model * 1e3)
                     summary.ng_count += ng
                     rec = {"timestamp": round(ts, 6), "frame_id": fid, "score": round(score, 6),
-                           "picturable_score": round(float(pred.picturable_score[i]), 6),
-                           "unpicturable_score": round(float(pred.unpicturable_score[i]), 6),
+                           "scores": {k: round(float(v[i]), 6) for k, v in pred.scores.items()},
                            "decision": "NG" if ng else "OK", "latency_ms": round(lat[-1], 3),
                            "model_ms": round(per_frame_model * 1e3, 3)}
                     view = overlay(frame, pred.anomaly_map[i], score, ng) if self.show or (
@@ -254,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model.onnx / model.engine / model.pt2 (sidecar next to it)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt (onnxruntime provider)")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="multi-class model: use this product class's threshold (default: the global one)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size")
     p.add_argument("--policy", choices=["latest", "block"], help="latest: drop stale frames (live default); block: score all")
     p.add_argument("--max-frames", type=int, help="stop after this many captured frames")
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = open_source(args.camera, args.video, args.rtsp, args.gstreamer, args.images, args.demo,
                              demo_frames=args.demo_frames or None)
-        model = Model(args.model, backend=args.backend, device=args.device)
+        model = Model(args.model, backend=args.backend, device=args.device, class_name=args.class_name)
     except (SourceError, ArtifactError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""`python -m train --data DIR --out DIR [--size s|m|lite] [--steps N] [--device cuda|cpu]`."""
+"""`python -m train --data DIR [DIR ...] --out DIR [--model NAME | --size s|m|lite] [--steps N] [--device cuda|cpu]`."""
 from __future__ import annotations
 
 import argparse
@@ -32,8 +32,34 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-width", type=int, default=None, help="--size lite only: student width (default 128)")
 
 
+def parse_model_args(items: list[str] | None) -> dict:
+    """``--model-arg KEY=VALUE`` pairs -> keyword arguments (values parsed as JSON when they parse)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--model-arg {item!r}: write KEY=VALUE, e.g. coreset_ratio=0.1")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
 def model_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of ``create_model`` for the flags of ``add_model_options``; ValueError on a bad mix."""
+    extra = parse_model_args(getattr(args, "model_arg", None))
+    if getattr(args, "model", None) and not args.model.startswith("efficientad"):
+        given = [f for f in ("teacher", "teacher_stages", "teacher_pool", "student_stride", "student_width")
+                 if getattr(args, f, None) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is an EfficientAD option; for --model {args.model} "
+                             "use --model-arg KEY=VALUE")
+        return extra
+    return {**_efficientad_kwargs(args), **extra}
+
+
+def _efficientad_kwargs(args: argparse.Namespace) -> dict:
     if args.size == "lite" and args.teacher not in (None, "lite0", "lite2"):
         raise ValueError("--size lite takes an EfficientNet-Lite teacher (lite0 or lite2)")
     if args.student_stride and args.size != "lite":
@@ -49,14 +75,26 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from .loop import PAPER_STEPS
 
-    p = argparse.ArgumentParser(prog="python -m train", description="Train EfficientAD + PUAD on good images only "
+    from .models import list_models
+
+    p = argparse.ArgumentParser(prog="python -m train", description="Train an anomaly model on good images only "
                                 "(MVTec layout: DIR/train/good). Writes OUT/checkpoint.pt for `python -m export`.")
-    p.add_argument("--data", required=True, help="category folder holding train/good (and optionally test/)")
+    p.add_argument("--data", required=True, nargs="+", metavar="DIR",
+                   help="category folder holding train/good (and optionally test/); several folders = one model for "
+                        "several product classes (per-class thresholds: `python -m calibration fit --class NAME`)")
+    p.add_argument("--model", choices=list_models(), default=None,
+                   help="model to train (default: efficientad_lite, or the one --size names)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="a family option (repeatable), e.g. --model-arg coreset_ratio=0.1")
+    p.add_argument("--fit", choices=["stretch", "letterbox", "center_crop"], default="stretch",
+                   help="how images of another aspect are fitted to the input size (recorded in the artifact)")
     p.add_argument("--out", required=True, help="output folder for checkpoint.pt and train_log.jsonl")
     add_model_options(p)
     p.add_argument("--steps", type=int, default=PAPER_STEPS, help=f"training steps (paper: {PAPER_STEPS})")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", default="256", metavar="N|WxH",
+                   help="N: about NxN pixels at the training images' aspect (multiples of 32, e.g. 416x160 for "
+                        "2.5:1 parts at N=256); WxH: exactly this (default 256)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--puad-weight", type=float, default=0.5, help="weight of the unpicturable (Gaussian) score")
@@ -85,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = TrainConfig(data=args.data, out=args.out, model=SIZES[args.size], image_size=args.image_size, steps=args.steps,
+    data = args.data[0] if len(args.data) == 1 else list(args.data)
+    cfg = TrainConfig(data=data, out=args.out, model=args.model or SIZES[args.size], image_size=args.image_size,
+                      fit=args.fit, steps=args.steps,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
                       puad_gate=args.puad_gate, target_fpr=args.target_fpr, amp=args.amp, model_kwargs=kw,
                       map_blur=map_blur)
@@ -95,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import evaluate_model
 
             m, _blob = load_checkpoint(ckpt)
-            print(json.dumps(evaluate_model(m, args.data, args.device), indent=2))
+            for d in args.data:
+                print(json.dumps({d: evaluate_model(m, d, args.device, _blob["thresholds"]["image"], args.fit)}, indent=2))
     except (DatasetError, ArtifactError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

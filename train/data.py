@@ -19,11 +19,12 @@ from runtime.preprocess import fit_frame
 log = logging.getLogger(__name__)
 
 
-def load_frames(paths: list[Path], size: int, desc: str = "loading") -> np.ndarray:
-    """Image files -> uint8 [N,size,size,3] BGR."""
-    out = np.empty((len(paths), size, size, 3), np.uint8)
+def load_frames(paths: list[Path], size: int | tuple[int, int], desc: str = "loading", fit: str = "stretch") -> np.ndarray:
+    """Image files -> uint8 [N,H,W,3] BGR at ``size`` ((height, width), or an int for a square)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    out = np.empty((len(paths), h, w, 3), np.uint8)
     for i, p in enumerate(tqdm(paths, desc=desc, leave=False, disable=len(paths) < 50)):
-        out[i] = fit_frame(read_image(p), size, size)
+        out[i] = fit_frame(read_image(p), h, w, fit=fit)
     return out
 
 

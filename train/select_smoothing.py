@@ -20,7 +20,7 @@ from calibration.metrics import evaluate
 from calibration.synthetic_defects import paint_defects
 
 from .loop import fit_map_normalization, raw_outputs, rescore
-from .models.efficientad import EfficientAD
+from .models.base import AnomalyModel
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class SmoothingChoice:
         return dataclasses.asdict(self)
 
 
-def choose_map_smoothing(model: EfficientAD, val_frames: np.ndarray, device: str = "cpu",
+def choose_map_smoothing(model: AnomalyModel, val_frames: np.ndarray, device: str = "cpu",
                          candidates: tuple[float, ...] = SMOOTHING_CANDIDATES,
                          per_image: int = DEFECTS_PER_IMAGE, seed: int = 0) -> SmoothingChoice:
     """Score every candidate sigma on the validation frames plus defects painted on them; leave the
@@ -56,12 +56,12 @@ def choose_map_smoothing(model: EfficientAD, val_frames: np.ndarray, device: str
     gt = np.concatenate([np.zeros(val_frames.shape[:3], np.uint8), masks])
     raw = raw_outputs(model, frames, device)  # the networks run once; each candidate only re-scores
     n = len(val_frames)
-    model.set_map_normalization(*fit_map_normalization({k: v[:n] for k, v in raw.items()}).affine())
+    fit_map_normalization(model, {k: v[:n] for k, v in raw.items()})
     rows = []
     for sigma in candidates:
         model.set_map_smoothing(float(sigma))
-        out = rescore(model, raw, device, keys=("picturable_score", "anomaly_map"))
-        sc = evaluate(labels, out["picturable_score"], gt, out["anomaly_map"][:, 0])
+        out = rescore(model, raw, device, keys=("map_score", "anomaly_map"))
+        sc = evaluate(labels, out["map_score"], gt, out["anomaly_map"][:, 0])
         row = {"sigma_px_at_256": float(sigma), "image_auroc": sc.image_auroc, "pixel_auroc": sc.pixel_auroc,
                "aupro": sc.aupro, "objective": (sc.image_auroc + sc.aupro) / 2}
         log.info("map smoothing %.1f px: synthetic image AUROC %.4f, pixel AUROC %.4f, AUPRO %.4f",

@@ -76,11 +76,11 @@ class TorchBackend(Backend):
     def infer(self, frames: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device, non_blocking=True)
-        outs = self.infer_tensor(x)
-        return {k: v.float().cpu().numpy() for k, v in zip(self.output_names, outs)}
+        outs = self.infer_tensor(x)  # a dict: outputs by name (torch.export keeps the names)
+        return {k: outs[k].float().cpu().numpy() for k in self.output_names if k in outs}
 
     def infer_tensor(self, x):
-        """Frames already on the device (uint8 [N,H,W,3]) -> tuple of output tensors on the device."""
+        """Frames already on the device (uint8 [N,H,W,3]) -> dict of output tensors on the device, by name."""
         if not self.use_graph:
             return self._run(x)
         key = tuple(x.shape)

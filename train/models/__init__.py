@@ -1,3 +1,7 @@
-"""Model families, registered by name (timm-style): ``create_model(name, **kw)``."""
-from .registry import create_model, list_models, register_model  # noqa: F401
+"""Model families, registered by name (timm-style): ``create_model(name, **kw)``.
+
+Each family is one file here (see ``base.py`` for the contract); importing this package
+registers every family.
+"""
+from .registry import build_from_config, create_model, list_families, list_models, register_family, register_model  # noqa: F401
 from . import efficientad  # noqa: F401  (registers its models)

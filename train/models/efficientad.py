@@ -14,19 +14,21 @@ Pieces, in the order of the paper:
   good images and mixed with weight w; the Gaussian score counts only beyond a gate
   (z_u > 2 by default), so it adds no noise to ordinary parts.
 
-``EfficientAD.forward`` is the deployed graph: it takes raw uint8 NHWC frames in the
-colour order of the artifact and returns every output the runtime knows
-(``runtime.artifact.OUTPUT_MEANINGS``). All decision constants are buffers with the
-names calibration rewrites (``runtime.artifact.CALIBRATION_INITIALIZERS``).
+The family provides its networks (``raw``: the student-teacher and student-autoencoder maps
+and the pooled student features) and its training (``fit``, in ``efficientad_train.py``);
+preprocessing, map normalization, smoothing, the Gaussian and the score mix are the shared
+deploy head (``base.AnomalyModel``, ``head.DeployHead``).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
+from .head import MapSmoothing  # noqa: F401  (re-exported: older imports)
 from .registry import register_model
 
 
@@ -152,11 +154,12 @@ class AutoEncoder(nn.Module):
     """
 
     def __init__(self, out_channels: int, out_size: tuple[int, int], decoder_sizes=(3, 8, 15, 32, 63, 127),
-                 image_size: int = 256):
+                 image_size: tuple[int, int] = (256, 256)):
         super().__init__()
+        h, w = parse_hw(image_size)
         self.out_size = tuple(out_size)
-        self.decoder_sizes = tuple(round(s * image_size / 256) for s in decoder_sizes)
-        code_kernel = max(1, image_size // 32)
+        self.decoder_sizes = tuple((round(s * h / 256), round(s * w / 256)) for s in decoder_sizes)
+        code_kernel = (max(1, h // 32), max(1, w // 32))
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 32, 4, 2, 1), nn.ReLU(inplace=True),
             nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(inplace=True),
@@ -175,7 +178,7 @@ class AutoEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.encoder(x)
         for size, conv in zip(self.decoder_sizes, self.decoder_convs):
-            z = F.interpolate(z, size=(size, size), mode="bilinear", align_corners=False)
+            z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
             z = self.dropout(F.relu(conv(z)))
         z = F.interpolate(z, size=self.out_size, mode="bilinear", align_corners=False)
         return self.head(z)
@@ -218,40 +221,12 @@ class LiteTeacher(nn.Module):
         return F.avg_pool2d(feats, self.pool, 1, self.pool // 2, count_include_pad=False)
 
 
-class MapSmoothing(nn.Module):
-    """Separable Gaussian blur of the low-resolution anomaly map (reflect padding).
-
-    Anomaly maps from patch features are noisy at the grid scale; smoothing before the
-    upsampling raises localization metrics (the PatchCore recipe), at a fraction of the
-    cost of blurring the full-resolution map. Linear and constant-preserving, so it
-    commutes with the quantile normalization. ``sigma`` in grid cells; 0 = identity.
-    """
-
-    def __init__(self, sigma: float, grid: tuple[int, int]):
-        super().__init__()
-        self.sigma = float(sigma)
-        radius = min(int(round(3 * self.sigma)), min(grid) - 1) if self.sigma > 0 else 0
-        self.radius = radius
-        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        g = torch.exp(-x * x / (2 * max(self.sigma, 1e-6) ** 2))
-        self.register_buffer("kernel", (g / g.sum()).view(1, 1, 1, -1), persistent=False)
-
-    def forward(self, m: torch.Tensor) -> torch.Tensor:
-        if self.radius == 0:
-            return m
-        r = self.radius
-        m = F.pad(m, (r, r, r, r), mode="reflect")
-        m = F.conv2d(m, self.kernel)
-        return F.conv2d(m, self.kernel.transpose(2, 3))
-
-
 # ----------------------------------------------------------------------------- config
 @dataclass
-class EfficientADConfig:
+class EfficientADConfig(FamilyConfig):
     """Everything needed to rebuild the network from a checkpoint (stored in it as JSON)."""
 
     name: str = "efficientad_lite"
-    image_size: int = 256
     teacher: str = "lite2"  # "lite0"/"lite2" (frozen pretrained EfficientNet-Lite) or "pdn_s"/"pdn_m" (PDN)
     teacher_channels: int = 384  # for PDN teachers; Lite teachers report their own
     teacher_out_indices: tuple[int, ...] = (2, 3)
@@ -260,119 +235,78 @@ class EfficientADConfig:
     student_width: int = 128
     student_stride: int = 8  # real-time student: 8 (StridedStudent, 32x32 map at 256 px) or 4 (FineStudent, 64x64)
     decoder_sizes: tuple[int, ...] = (3, 8, 15, 32)
-    map_blur_px: float = 8.0  # Gaussian sigma of the anomaly-map smoothing, in input pixels at 256 px (0 = off)
-    color_order: str = "BGR"  # of the uint8 frames the deployed graph takes
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # RGB on [0,1], matching the Lite weights
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    pretrained: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "EfficientADConfig":
         d = dict(d)
         d.setdefault("map_blur_px", 0.0)  # checkpoints written before smoothing existed had none
-        for k in ("teacher_out_indices", "decoder_sizes", "mean", "std"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return super().from_dict(d)
 
 
 def _grid(cfg: EfficientADConfig) -> tuple[int, int]:
     """Output grid of teacher/student/AE for the configured input size."""
+    h, w = cfg.image_size
     if cfg.student == "strided":
-        return cfg.image_size // cfg.student_stride, cfg.image_size // cfg.student_stride
-    s = cfg.image_size
+        return h // cfg.student_stride, w // cfg.student_stride
     # PDN without padding: conv4 -> pool2 -> conv4 -> pool2 -> conv3 -> conv4
-    s = ((s - 3) // 2 - 3) // 2 - 2 - 3
-    return s, s
+    return tuple(((s - 3) // 2 - 3) // 2 - 2 - 3 for s in (h, w))
 
 
 # ----------------------------------------------------------------------------- model
-class EfficientAD(nn.Module):
-    """Teacher + student + autoencoder, map normalization and the PUAD Gaussian, in one graph."""
+class EfficientAD(AnomalyModel):
+    """Teacher + student + autoencoder; the maps and pooled features go to the shared deploy head."""
+
+    family = "efficientad"
+    map_names = ("student_teacher", "student_autoencoder")
+    # --fp16 keeps the frozen teacher in fp32: its features are divided by small per-channel stds, which turns fp16
+    # rounding into score errors above 1e-2 (measured on the test model: 0.0107 with an fp16 teacher, 0.0036 without);
+    # INT8 leaves it fp32 unless asked (``export onnx --int8-all``)
+    export_policy = ExportPolicy(fp16_parts=("student", "autoencoder"), int8_keep_fp32=("/head/", "/teacher/"))
+    config_class = EfficientADConfig
 
     def __init__(self, cfg: EfficientADConfig):
-        super().__init__()
-        self.cfg = cfg
         grid = _grid(cfg)
-        self.grid = grid
         if cfg.teacher in ("lite0", "lite2"):
-            self.teacher = LiteTeacher(f"efficientnet_{cfg.teacher}", cfg.teacher_out_indices, grid,
-                                       pretrained=cfg.pretrained, pool=cfg.teacher_pool)
-            c = self.teacher.channels
+            teacher = LiteTeacher(f"efficientnet_{cfg.teacher}", cfg.teacher_out_indices, grid,
+                                  pretrained=cfg.pretrained, pool=cfg.teacher_pool)
+            c = teacher.channels
         elif cfg.teacher in ("pdn_s", "pdn_m"):
             if cfg.student == "strided":
                 raise ValueError("a PDN teacher needs a PDN student (s or m): their grids must match")
             c = cfg.teacher_channels
-            self.teacher = PDN(cfg.teacher[-1], c)
-            for p in self.teacher.parameters():
+            teacher = PDN(cfg.teacher[-1], c)
+            for p in teacher.parameters():
                 p.requires_grad_(False)
         else:
             raise ValueError(f"teacher {cfg.teacher!r}: choose lite0, lite2, pdn_s or pdn_m")
-        self.channels = c
         if cfg.student == "strided":
             if cfg.student_stride not in (4, 8):
                 raise ValueError(f"student stride {cfg.student_stride}: choose 4 or 8")
             if cfg.student_width < 4:  # its first conv has width // 4 channels
                 raise ValueError(f"student width {cfg.student_width}: choose 4 or more (default 128)")
-            student = StridedStudent if cfg.student_stride == 8 else FineStudent
-            self.student = student(2 * c, cfg.student_width)
-            self.map_pad = 0
+            student = (StridedStudent if cfg.student_stride == 8 else FineStudent)(2 * c, cfg.student_width)
+            pad_cells = 0
         elif cfg.student in ("s", "m"):
-            self.student = PDN(cfg.student, 2 * c)
-            self.map_pad = 4  # unpadded PDN output is 4 px short of the image border on every side (scaled)
+            student = PDN(cfg.student, 2 * c)
+            # unpadded PDN output is 4 px (at 256) short of the image border on every side
+            pad_cells = round(4 * min(cfg.image_size) / 256)
         else:
             raise ValueError(f"student {cfg.student!r}: choose s, m or strided")
+        super().__init__(cfg, grid, feature_dim=c, pad_cells=pad_cells)
+        self.teacher, self.student = teacher, student
+        self.channels = c
         self.autoencoder = AutoEncoder(c, grid, cfg.decoder_sizes, cfg.image_size)
-        rgb_index = [2, 1, 0] if cfg.color_order == "BGR" else [0, 1, 2]
-        self.register_buffer("channel_index", torch.tensor(rgb_index), persistent=False)
-        self.register_buffer("input_mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("input_std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         # teacher feature normalization (fit on training images before training)
         self.register_buffer("teacher_mean", torch.zeros(1, c, 1, 1))
         self.register_buffer("teacher_std", torch.ones(1, c, 1, 1))
-        # calibration constants (names = runtime.artifact.CALIBRATION_INITIALIZERS)
-        for name in ("st_scale", "ae_scale"):
-            self.register_buffer(name, torch.tensor(1.0))
-        for name in ("st_shift", "ae_shift"):
-            self.register_buffer(name, torch.tensor(0.0))
-        self.register_buffer("gaussian_mean", torch.zeros(c))
-        self.register_buffer("gaussian_whitener", torch.eye(c))
-        self.register_buffer("score_center", torch.zeros(2))
-        self.register_buffer("score_weight", torch.tensor([0.5, 0.5]))
-        self.register_buffer("calibrated", torch.tensor(False))
-        self.set_map_smoothing(cfg.map_blur_px)
-
-    # -- pieces used by training -------------------------------------------------
-    def to_rgb(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [N,H,W,3] in cfg.color_order -> float [N,3,H,W] RGB on [0,255]."""
-        x = frames.to(self.input_mean.dtype).permute(0, 3, 1, 2)
-        return torch.index_select(x, 1, self.channel_index)
-
-    def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
-        """float RGB [N,3,H,W] on [0,255] -> network input (mean/std of the Lite weights)."""
-        return (rgb - self.input_mean) / self.input_std
-
-    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [N,H,W,3] in cfg.color_order -> float [N,3,H,W] RGB, mean/std normalized."""
-        return self.normalize(self.to_rgb(frames))
 
     def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized teacher features [N,C,h,w] (channel-wise z-score over training images)."""
         with torch.no_grad():
             return (self.teacher(x.to(_dtype(self.teacher))).float() - self.teacher_mean) / self.teacher_std
 
-    def half_networks(self, parts: tuple[str, ...] = ("teacher", "student", "autoencoder")) -> "EfficientAD":
-        """fp16 for the named networks; pre/post-processing and statistics stay fp32."""
-        for name in parts:
-            getattr(self, name).half()
-        return self
-
-    def raw_maps(self, x: torch.Tensor):
-        """x: preprocessed [N,3,H,W] -> (map_st [N,1,h,w], map_ae [N,1,h,w], pooled [N,C])."""
+    def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: preprocessed [N,3,H,W] -> (maps [N,2,h,w]: student-teacher, student-autoencoder; pooled [N,C])."""
         c = self.channels
         # each network may run in fp16 (half_networks); maps and statistics stay fp32
         t = self.teacher_features(x)
@@ -381,96 +315,46 @@ class EfficientAD(nn.Module):
         map_st = torch.mean((t - s[:, :c]) ** 2, dim=1, keepdim=True)
         map_ae = torch.mean((a - s[:, c:]) ** 2, dim=1, keepdim=True)
         pooled = torch.mean(s[:, :c], dim=(2, 3))
-        return map_st, map_ae, pooled
+        return torch.cat([map_st, map_ae], dim=1), pooled
 
-    # -- the deployed graph ----------------------------------------------------
-    def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-        """frames: uint8 [N,H,W,3] (cfg.color_order, cfg.image_size) -> every deployed output."""
-        map_st, map_ae, pooled = self.raw_maps(self.preprocess(frames))
-        return self.decide(map_st, map_ae, pooled, (frames.shape[1], frames.shape[2]))
+    def fit(self, fit_frames, val_frames, train_cfg, device: str) -> dict:
+        from .efficientad_train import fit_efficientad
 
-    def decide(self, map_st: torch.Tensor, map_ae: torch.Tensor, pooled: torch.Tensor,
-               out_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """Everything after the networks: map normalization, smoothing, upsampling, PUAD scores.
+        return fit_efficientad(self, fit_frames, train_cfg, device)
 
-        Split from ``forward`` so that calibration and the smoothing choice can re-score stored
-        network outputs under new constants without running the networks again."""
-        norm = (map_st * self.st_scale + self.st_shift) + (map_ae * self.ae_scale + self.ae_shift)
-        norm = self.map_smoothing(norm)
-        picturable = torch.amax(norm, dim=(1, 2, 3))
-        if self.map_pad:
-            pad = round(self.map_pad * self.cfg.image_size / 256)
-            norm = F.pad(norm, (pad, pad, pad, pad))
-        anomaly_map = F.interpolate(norm, size=out_hw, mode="bilinear", align_corners=False)
-        z = torch.matmul(pooled - self.gaussian_mean, self.gaussian_whitener)
-        unpicturable = torch.sqrt(torch.sum(z * z, dim=1) + 1e-12)
-        both = torch.stack([picturable, unpicturable], dim=1)
-        d = (both - self.score_center) * self.score_weight  # gated PUAD sum, see calibration.fitting.score_constants
-        image_score = d[:, 0] + torch.relu(d[:, 1])
-        return {
-            "anomaly_map": anomaly_map,
-            "picturable_score": picturable,
-            "unpicturable_score": unpicturable,
-            "image_score": image_score,
-            "features": pooled,
-            "map_st_raw": map_st,
-            "map_ae_raw": map_ae,
-        }
-
-    def set_map_smoothing(self, blur_px: float) -> None:
-        """Smoothing sigma in input pixels at the 256 px reference scale (0 = off); kept in cfg.
-
-        The map grid covers the image about uniformly, so pixels convert to grid cells by
-        the grid-to-256 ratio. Re-calibrate afterwards: the image score depends on it.
-        """
-        self.cfg.map_blur_px = float(blur_px)
-        self.map_smoothing = MapSmoothing(blur_px * self.grid[0] / 256, self.grid).to(self.input_mean.device)
-
-    # -- constants -------------------------------------------------------------
-    def set_calibration(self, st_scale, st_shift, ae_scale, ae_shift, gaussian_mean, gaussian_whitener,
-                        score_center, score_weight) -> None:
-        """Write all decision constants at once (floats / array-likes, any dtype)."""
-        self.set_map_normalization(st_scale, st_shift, ae_scale, ae_shift)
-        self._write_constants(gaussian_mean=gaussian_mean, gaussian_whitener=gaussian_whitener,
-                              score_center=score_center, score_weight=score_weight)
-        self.calibrated.fill_(True)
-
-    def set_map_normalization(self, st_scale, st_shift, ae_scale, ae_shift) -> None:
-        """Only the map affine (q_a/q_b); enough to score maps before the full calibration."""
-        self._write_constants(st_scale=st_scale, st_shift=st_shift, ae_scale=ae_scale, ae_shift=ae_shift)
-
-    def _write_constants(self, **vals) -> None:
-        for k, v in vals.items():
-            buf = getattr(self, k)
-            buf.copy_(torch.as_tensor(v, dtype=buf.dtype, device=buf.device).reshape(buf.shape))
-
-
-OUTPUT_NAMES = ("anomaly_map", "picturable_score", "unpicturable_score", "image_score", "features",
-                "map_st_raw", "map_ae_raw")
+    def upgrade_state_dict(self, state: dict) -> dict:
+        """Checkpoints before the shared head kept the constants on the model under their own names."""
+        if "st_scale" not in state:
+            return state
+        state = dict(state)
+        pop = state.pop
+        state["head.map_scale"] = torch.stack([pop("st_scale").reshape(()), pop("ae_scale").reshape(())]).view(1, 2, 1, 1)
+        state["head.map_shift"] = torch.stack([pop("st_shift").reshape(()), pop("ae_shift").reshape(())]).view(1, 2, 1, 1)
+        for k in ("gaussian_mean", "gaussian_whitener", "score_center", "score_weight"):
+            state[f"head.{k}"] = pop(k)
+        return state
 
 
 # ----------------------------------------------------------------------------- registered models
 @register_model
-def efficientad_lite(image_size: int = 256, **kw) -> EfficientAD:
+def efficientad_lite(image_size=256, **kw) -> EfficientAD:
     """Real-time variant: frozen EfficientNet-Lite2 teacher (stride 8), strided student, short AE.
 
     Lite2 over Lite0: bottle image AUROC 0.994 vs 0.981 (benchmarks/results/accuracy_bottle_lite*.json)."""
-    return EfficientAD(EfficientADConfig(name="efficientad_lite", image_size=image_size, **kw))
+    return EfficientAD(EfficientADConfig(name="efficientad_lite", image_size=parse_hw(image_size), **kw))
 
 
 @register_model
-def efficientad_s(image_size: int = 256, teacher: str = "pdn_s", **kw) -> EfficientAD:
+def efficientad_s(image_size=256, teacher: str = "pdn_s", **kw) -> EfficientAD:
     """Paper EfficientAD-S: PDN-S teacher and student, full autoencoder (76 GFLOP at 256)."""
-    return EfficientAD(EfficientADConfig(name="efficientad_s", image_size=image_size, teacher=teacher, student="s",
+    return EfficientAD(EfficientADConfig(name="efficientad_s", image_size=parse_hw(image_size), teacher=teacher, student="s",
                                          decoder_sizes=(3, 8, 15, 32, 63, 127), **kw))
 
 
 @register_model
-def efficientad_m(image_size: int = 256, teacher: str = "pdn_m", **kw) -> EfficientAD:
+def efficientad_m(image_size=256, teacher: str = "pdn_m", **kw) -> EfficientAD:
     """Paper EfficientAD-M: PDN-M teacher and student, full autoencoder."""
-    return EfficientAD(EfficientADConfig(name="efficientad_m", image_size=image_size, teacher=teacher, student="m",
+    return EfficientAD(EfficientADConfig(name="efficientad_m", image_size=parse_hw(image_size), teacher=teacher, student="m",
                                          decoder_sizes=(3, 8, 15, 32, 63, 127), **kw))
 
 
-def build_from_config(cfg_dict: dict) -> EfficientAD:
-    return EfficientAD(EfficientADConfig.from_dict(cfg_dict))

@@ -1,15 +1,36 @@
-"""A tiny registry so the rest of the code never special-cases a model family."""
+"""A tiny registry so the rest of the code never special-cases a model family.
+
+``register_model`` registers a builder by its function name (``create_model(name, **kw)``);
+the builder's return type's class is registered as a family the first time it is seen, so a
+checkpoint (which records ``family`` and the config) can be rebuilt with ``build_from_config``.
+"""
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_FAMILIES: dict[str, type] = {}
+
+
+def register_family(cls: type) -> type:
+    """Register an ``AnomalyModel`` subclass under its ``family`` name (a class decorator)."""
+    name = getattr(cls, "family", "")
+    if not name:
+        raise ValueError(f"{cls.__name__} has no `family` name")
+    _FAMILIES[name] = cls
+    return cls
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     _REGISTRY[fn.__name__] = fn
+    ret = inspect.signature(fn).return_annotation
+    if isinstance(ret, str):  # postponed annotations: resolve in the builder's module
+        ret = fn.__globals__.get(ret)
+    if isinstance(ret, type) and getattr(ret, "family", ""):
+        register_family(ret)
     return fn
 
 
@@ -17,7 +38,20 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def list_families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return _REGISTRY[name](**kwargs)
+
+
+def build_from_config(family: str, cfg_dict: dict) -> nn.Module:
+    """Rebuild a model of ``family`` from its stored config (a checkpoint's ``config``)."""
+    if family not in _FAMILIES:
+        raise KeyError(f"unknown model family {family!r}; available: {', '.join(list_families())} "
+                       "(a family added by a plugin must be imported first)")
+    cls = _FAMILIES[family]
+    return cls(cls.config_class.from_dict(cfg_dict))

@@ -1,0 +1,95 @@
+"""The deployed graph's own post-network part, cut out of the ONNX file, run with candidate constants.
+
+Calibration must score exactly as the deployed model does (a numpy re-implementation once drifted
+and shipped wrong thresholds). So it does not re-implement anything: it extracts from the exported
+graph the subgraph from the raw network outputs (``raw_maps``, ``features``) to the scores, and runs
+it with ONNX Runtime, overriding the named calibration initializers with the candidate values
+(``SessionOptions.add_initializer``). The subgraph is the deployed arithmetic, whatever the family,
+precision or smoothing. torch-free: onnx + onnxruntime.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runtime.artifact import ArtifactError, Sidecar
+
+from .fitting import CalibrationError
+
+log = logging.getLogger(__name__)
+
+SCORE_OUTPUTS = ("map_score", "gaussian_score", "image_score")
+
+
+def source_graph(model_path: Path, sidecar: Sidecar) -> Path:
+    """The ONNX file whose post-network part scores for this artifact (an engine's source ONNX)."""
+    if model_path.suffix.lower() == ".onnx":
+        return model_path
+    name = sidecar.provenance.get("tensorrt", {}).get("onnx")
+    src = model_path.with_name(name) if name else None
+    if src is None or not src.is_file():
+        raise CalibrationError(f"{model_path}: calibrating an engine needs the ONNX it was built from "
+                               f"({name or 'unknown'}) next to it; copy it along or re-export")
+    return src
+
+
+class GraphPart:
+    """raw_maps (+ features) -> map_score, [gaussian_score], image_score, by the graph's own nodes."""
+
+    def __init__(self, onnx_path: str | Path, has_gaussian: bool):
+        import onnx
+        from onnx.utils import Extractor
+
+        self.inputs = ["raw_maps"] + (["features"] if has_gaussian else [])
+        self.outputs = [o for o in SCORE_OUTPUTS if has_gaussian or o != "gaussian_score"]
+        model = onnx.load(str(onnx_path))
+        names = {o.name for o in model.graph.output}
+        missing = [n for n in self.inputs + self.outputs if n not in names]
+        if missing:
+            raise ArtifactError(f"{onnx_path}: graph lacks outputs {missing} that calibration needs; "
+                                "re-export it with `python -m export onnx`")
+        try:
+            sub = Extractor(model).extract_model(self.inputs, self.outputs)
+        except Exception as e:  # onnx raises assorted errors for graphs it cannot cut
+            raise ArtifactError(f"{onnx_path}: cannot cut the scoring part out of the graph ({e}); re-export it") from e
+        if sorted(i.name for i in sub.graph.input) != sorted(self.inputs):
+            raise ArtifactError(f"{onnx_path}: the scores do not depend on {self.inputs} alone; re-export the model")
+        for v in list(sub.graph.input) + list(sub.graph.output):  # score any number of images at once
+            dims = v.type.tensor_type.shape.dim
+            if len(dims):
+                dims[0].ClearField("dim_value")
+                dims[0].dim_param = "N"
+        self.initializers = {i.name for i in sub.graph.initializer}
+        self._bytes = sub.SerializeToString()
+        self._shapes = {i.name: tuple(i.dims) for i in sub.graph.initializer}
+
+    def __call__(self, constants: dict[str, np.ndarray], raw_maps: np.ndarray,
+                 features: np.ndarray | None = None, batch: int = 256) -> dict[str, np.ndarray]:
+        """Scores (float64 [N] each) of stored raw outputs under ``constants`` (by initializer name)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        keep = []  # OrtValues must outlive the session
+        for name, value in constants.items():
+            if name not in self.initializers:
+                continue
+            arr = np.asarray(value, dtype=np.float32)
+            if arr.size != int(np.prod(self._shapes[name], dtype=np.int64)):
+                raise CalibrationError(f"constant {name!r}: {arr.size} values for a graph tensor of shape "
+                                       f"{list(self._shapes[name])}; re-export the model")
+            ov = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr.reshape(self._shapes[name])))
+            keep.append(ov)
+            opts.add_initializer(name, ov)
+        sess = ort.InferenceSession(self._bytes, opts, providers=["CPUExecutionProvider"])
+        acc: dict[str, list[np.ndarray]] = {k: [] for k in self.outputs}
+        for i in range(0, len(raw_maps), batch):
+            feeds = {"raw_maps": np.ascontiguousarray(raw_maps[i:i + batch], np.float32)}
+            if "features" in self.inputs:
+                feeds["features"] = np.ascontiguousarray(features[i:i + batch], np.float32)
+            for k, v in zip(self.outputs, sess.run(self.outputs, feeds)):
+                acc[k].append(np.asarray(v, np.float64).reshape(-1))
+        del keep
+        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in acc.items()}

@@ -1,0 +1,188 @@
+"""The model-family contract: what every family in ``train/models/`` provides.
+
+A family is one file that defines a config dataclass, an ``AnomalyModel`` subclass and
+registered builders. It provides only:
+
+- ``raw(x)``: preprocessed images ``[N,3,H,W]`` -> (raw maps ``[N,K,h,w]``, pooled features
+  ``[N,D]`` or None) -- its networks;
+- ``fit(fit_frames, val_frames, train_cfg, device)``: its training (losses, optimizer, steps);
+  returns a JSON-able dict for the checkpoint;
+- class attributes ``family`` (its name), ``map_names`` (K names of its raw maps) and an
+  ``ExportPolicy`` (which sub-networks may run in fp16 / be quantized).
+
+Everything else is shared: the fused preprocessing (uint8 NHWC frames in the artifact's colour
+order -> normalized float NCHW), the deploy head (``head.DeployHead``: normalization,
+smoothing, upsampling, Gaussian, score mix), export, calibration, the runtime. Nothing outside
+the family file names a family.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from .head import DeployHead
+
+
+def parse_hw(size) -> tuple[int, int]:
+    """An input size as (height, width): an int (square), [h, w], or text 'WxH' / 'N'."""
+    if isinstance(size, str):
+        t = size.lower().replace(" ", "")
+        if "x" in t:
+            w, h = t.split("x", 1)
+            size = (int(h), int(w))
+        else:
+            size = int(t)
+    if isinstance(size, int):
+        size = (size, size)
+    h, w = (int(v) for v in size)
+    if h < 32 or w < 32 or h % 32 or w % 32:
+        raise ValueError(f"input size {w}x{h} (WxH): give multiples of 32, at least 32 (e.g. 256 or 512x192)")
+    return h, w
+
+
+def size_for_aspect(aspect: float, side: int = 256) -> tuple[int, int]:
+    """(height, width), multiples of 32, of about side**2 pixels at the given width/height aspect.
+
+    Keeps the pixel budget (and so the speed) of a side x side square while keeping the part's
+    shape; aspects within 10 % of square give exactly side x side.
+    """
+    if not aspect > 0:
+        raise ValueError(f"aspect {aspect}: must be positive")
+    if abs(aspect - 1.0) <= 0.1:
+        return parse_hw(side)
+    r = aspect ** 0.5
+    w = max(32, int(round(side * r / 32)) * 32)
+    h = max(32, int(round(side / r / 32)) * 32)
+    return h, w
+
+
+@dataclass
+class ExportPolicy:
+    """How a family's networks may be exported.
+
+    fp16_parts: sub-module names that ``--fp16`` turns to fp16 (the head always stays fp32);
+    int8_keep_fp32: substrings of ONNX node names that INT8 export leaves unquantized.
+    """
+
+    fp16_parts: tuple[str, ...] = ()
+    int8_keep_fp32: tuple[str, ...] = ("/head/",)
+
+
+@dataclass
+class FamilyConfig:
+    """Fields every family config has (families extend it). Stored in checkpoints as JSON."""
+
+    name: str = ""
+    image_size: tuple[int, int] = (256, 256)  # (height, width)
+    color_order: str = "BGR"  # of the uint8 frames the deployed graph takes
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # RGB on [0,1]
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    map_blur_px: float = 8.0  # smoothing sigma, px at the 256 px reference (0 = off)
+    pretrained: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FamilyConfig":
+        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"checkpoint config has unknown fields {unknown} for {cls.__name__}; "
+                             "it was written by a newer edgead - upgrade edgead")
+        for k, v in list(d.items()):
+            if isinstance(v, list):
+                d[k] = tuple(v)
+        d["image_size"] = parse_hw(d.get("image_size", 256))
+        return cls(**d)
+
+    @property
+    def height(self) -> int:
+        return self.image_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.image_size[1]
+
+
+class AnomalyModel(nn.Module):
+    """Base of every family: preprocessing + the family's ``raw`` + the shared ``DeployHead``."""
+
+    family: str = ""
+    map_names: tuple[str, ...] = ("map",)
+    export_policy = ExportPolicy()
+    config_class = FamilyConfig
+
+    def __init__(self, cfg: FamilyConfig, grid: tuple[int, int], feature_dim: int = 0, pad_cells: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.grid = (int(grid[0]), int(grid[1]))
+        rgb_index = [2, 1, 0] if cfg.color_order == "BGR" else [0, 1, 2]
+        self.register_buffer("channel_index", torch.tensor(rgb_index), persistent=False)
+        self.register_buffer("input_mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("input_std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.head = DeployHead(self.map_names, self.grid, feature_dim, cfg.map_blur_px, pad_cells)
+
+    # -- preprocessing (fused into the graph) ------------------------------------
+    def to_rgb(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,H,W,3] in cfg.color_order -> float [N,3,H,W] RGB on [0,255]."""
+        x = frames.to(self.input_mean.dtype).permute(0, 3, 1, 2)
+        return torch.index_select(x, 1, self.channel_index)
+
+    def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
+        """float RGB [N,3,H,W] on [0,255] -> network input (mean/std of the backbone's weights)."""
+        return (rgb - self.input_mean) / self.input_std
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.to_rgb(frames))
+
+    # -- what a family provides ---------------------------------------------------
+    def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Preprocessed [N,3,H,W] -> (raw maps [N,K,h,w] fp32, pooled features [N,D] fp32 or None)."""
+        raise NotImplementedError
+
+    def fit(self, fit_frames, val_frames, train_cfg, device: str) -> dict:
+        """Train on uint8 NHWC good frames (BGR); returns JSON-able training facts."""
+        raise NotImplementedError
+
+    def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Optional family outputs (role 'raw') beside the head's, e.g. patch features for a memory."""
+        return {}
+
+    extra_output_meanings: dict[str, str] = {}
+
+    # -- the deployed graph ---------------------------------------------------------
+    def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """frames: uint8 [N,H,W,3] (cfg.color_order, cfg.image_size) -> every deployed output."""
+        x = self.preprocess(frames)
+        maps, feats = self.raw(x)
+        out = self.decide(maps, feats, (frames.shape[1], frames.shape[2]))
+        out.update(self.extra_outputs(x))
+        return out
+
+    def decide(self, maps: torch.Tensor, features: torch.Tensor | None, out_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Everything after the networks (the shared head)."""
+        return self.head(maps, features, out_hw)
+
+    def output_names(self) -> tuple[str, ...]:
+        return self.head.output_names + tuple(self.extra_output_meanings)
+
+    def set_map_smoothing(self, blur_px: float) -> None:
+        """Smoothing sigma in px at 256 px (0 = off), kept in cfg. Re-calibrate afterwards."""
+        self.cfg.map_blur_px = float(blur_px)
+        self.head.set_smoothing(blur_px)
+
+    def half_networks(self, parts: tuple[str, ...] | None = None) -> "AnomalyModel":
+        """fp16 for the named networks (default: the export policy's); head and statistics stay fp32."""
+        for name in (self.export_policy.fp16_parts if parts is None else parts):
+            getattr(self, name).half()
+        return self
+
+    def upgrade_state_dict(self, state: dict) -> dict:
+        """Rename entries of checkpoints written by older edgead versions (families override)."""
+        return state

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="score images with the model as deployed; statistics and a histogram PNG")
     r.add_argument("--model", required=True)
     r.add_argument("--good", required=True, help="folder of good images, a video file, or camera:N")
-    r.add_argument("--defects", help="folder of defect images")
+    r.add_argument("--defects", nargs="+", metavar="DIR",
+                   help="folder(s) of defect images; each folder's name is its defect type (misses counted per type)")
+    r.add_argument("--class", dest="class_name", metavar="NAME", help="multi-class model: use this class's threshold")
     r.add_argument("--max-images", type=int)
     r.add_argument("--plot", help="write a histogram PNG of good vs defect scores here")
     r.add_argument("--json", help="write the report JSON here")
@@ -55,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .report import report
 
-            print(json.dumps(report(args.model, args.good, args.defects, args.max_images, args.plot, args.json), indent=2))
+            rep = report(args.model, args.good, args.defects, args.max_images, args.plot, args.json, args.class_name)
+            print(json.dumps(rep, indent=2))
+            print(f"verdict at threshold {rep['threshold']:.4g}: {rep['verdict']}", file=sys.stderr)
     except (CalibrationError, ArtifactError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

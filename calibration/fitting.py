@@ -80,7 +80,7 @@ def fit_gaussian(features: np.ndarray, estimator: str = "ledoit_wolf") -> Gaussi
     return GaussianFit(fit.location_, whitener, info)
 
 
-MAP_LEVEL = 0.1  # value of the normalized map at the q_b quantile of good images (EfficientAD's convention)
+MAP_LEVEL = 0.1  # value of the normalized map at the q_b quantile of good images (the convention of Batzner et al.)
 
 
 def map_quantiles(raw_maps: np.ndarray, map_names: list[str] | tuple[str, ...], qa: float = 0.9,

@@ -22,13 +22,31 @@ def _scores(model: Model, source: str, max_images: int | None) -> np.ndarray:
     return np.concatenate(out) if out else np.empty(0)
 
 
-def report(model_path: str, good: str, defects: str | None = None, max_images: int | None = None,
-           plot: str | None = None, json_path: str | None = None) -> dict:
-    model = Model(model_path, warmup=0)
+def verdict(n_good: int, false_alarms: int, per_defect: dict[str, dict]) -> str:
+    """One line an operator reads: how many good parts passed and how many defective ones were caught."""
+    n_def = sum(v["of"] for v in per_defect.values())
+    caught = sum(v["of"] - v["missed"] for v in per_defect.values())
+    text = f"good {n_good - false_alarms}/{n_good} OK"
+    if per_defect:
+        text += f", defects {caught}/{n_def} NG"
+        missed = [f"{k} {v['missed']}/{v['of']}" for k, v in per_defect.items() if v["missed"]]
+        if missed:
+            text += " (missed: " + ", ".join(missed) + ")"
+    return text
+
+
+def report(model_path: str, good: str, defects: str | list[str] | None = None, max_images: int | None = None,
+           plot: str | None = None, json_path: str | None = None, class_name: str | None = None) -> dict:
+    """Score good (and defect) images with the model as deployed, at its calibrated threshold.
+
+    defects: one folder or several (each folder's name is its defect type: misses are counted per type)."""
+    model = Model(model_path, warmup=0, class_name=class_name)
     sc = model.sidecar
     g = _scores(model, good, max_images)
-    d = _scores(model, defects, max_images) if defects else None
-    thr = sc.thresholds.image
+    folders = [defects] if isinstance(defects, str) else list(defects or [])
+    per_type = {Path(f).name: _scores(model, f, max_images) for f in folders}
+    d = np.concatenate(list(per_type.values())) if per_type else None
+    thr = model.threshold
     rep = {
         "model": str(model_path), "provider": model.provider, "n_good": int(len(g)),
         "threshold": thr, "threshold_method": sc.thresholds.method,
@@ -37,6 +55,10 @@ def report(model_path: str, good: str, defects: str | None = None, max_images: i
         "gaussian": dataclasses.asdict(sc.gaussian), "normalization": dataclasses.asdict(sc.normalization),
         "calibration": sc.provenance.get("calibration"),
     }
+    per_defect = {k: {"missed": int((v < thr).sum()), "of": int(len(v))} for k, v in per_type.items()}
+    rep["false_alarms"] = int((g >= thr).sum())
+    rep["misses_per_defect"] = per_defect
+    rep["verdict"] = verdict(int(len(g)), rep["false_alarms"], per_defect)
     if d is not None and len(d):
         rep.update({"n_defects": int(len(d)), "observed_recall": float((d >= thr).mean()),
                     "image_auroc": auroc(np.r_[np.zeros(len(g)), np.ones(len(d))], np.r_[g, d]) if len(g) else None})

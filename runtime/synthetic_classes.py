@@ -77,7 +77,9 @@ class Sample:
 # ----------------------------------------------------------------------------- real textures
 
 REAL_SOURCES = ("brick", "grass", "gravel")
-TRAIN_ROWS, TEST_ROWS = (0.0, 0.58), (0.62, 1.0)  # of the photo's height: disjoint, with a gap
+ISOTROPIC = ("grass", "gravel")  # may be rotated by any angle; brick only flipped (its courses stay level)
+TRAIN_ROWS, TEST_ROWS = (0.0, 0.5), (0.54, 1.0)  # of the photo's height: disjoint, with a gap
+TILE_SIDE = (0.26, 0.32)  # of the photo's height, before the resize to the output size
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,28 +93,43 @@ def _photo(name: str) -> np.ndarray:
     return np.asarray(getattr(skimage.data, name)(), np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _photo_stats(name: str) -> tuple[float, float]:
+    photo = _photo(name)
+    return float(photo.mean()), float(photo.std())
+
+
 def _sample_tile(name: str) -> Callable:
     def sample(rng: np.random.Generator, h: int, w: int, split: str) -> dict:
+        """A square tile inside the split's rows; its rotated footprint (any angle) stays inside them too."""
         photo = _photo(name)
         ph, pw = photo.shape
         r0, r1 = TRAIN_ROWS if split == "train" else TEST_ROWS
         r0, r1 = int(r0 * ph), int(r1 * ph)
-        side = int(min(rng.uniform(0.34, 0.375) * ph, r1 - r0, pw))
-        return {"name": name, "y": int(rng.integers(r0, r1 - side + 1)), "x": int(rng.integers(0, pw - side + 1)),
-                "side": side, "h": h, "w": w, "flip_x": bool(rng.random() < 0.5), "flip_y": bool(rng.random() < 0.5),
-                "contrast": rng.uniform(0.85, 1.15)}
+        side = rng.uniform(*TILE_SIDE) * ph
+        reach = side / np.sqrt(2) + 1  # half the diagonal: the footprint of the tile at any angle
+        reach = min(reach, (r1 - r0) / 2, pw / 2)
+        return {"name": name, "cy": rng.uniform(r0 + reach, r1 - reach), "cx": rng.uniform(reach, pw - reach),
+                "side": side, "h": h, "w": w, "angle": rng.uniform(0, 360) if name in ISOTROPIC else 0.0,
+                "flip_x": bool(rng.random() < 0.5), "flip_y": bool(rng.random() < 0.5), "contrast": rng.uniform(0.85, 1.15)}
     return sample
 
 
 def _render_tile(p: dict) -> tuple[np.ndarray, None]:
+    """Rotate the photo about the tile centre and cut the tile out at the output size (one warp)."""
     photo = _photo(p["name"])
-    t = photo[p["y"]:p["y"] + p["side"], p["x"]:p["x"] + p["side"]]
-    t = cv2.resize(t, (p["w"], p["h"]), interpolation=cv2.INTER_AREA)
+    h, w, side = p["h"], p["w"], p["side"]
+    M = cv2.getRotationMatrix2D((p["cx"], p["cy"]), p["angle"], 1.0)
+    M[:, 2] += (side / 2 - p["cx"], side / 2 - p["cy"])  # tile centre -> (side/2, side/2)
+    M = np.diag([w / side, h / side]) @ M  # then scale the tile to the output size
+    t = cv2.warpAffine(photo, M, (w, h), flags=cv2.INTER_AREA if side > max(h, w) else cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REFLECT)
     if p["flip_x"]:
         t = t[:, ::-1]
     if p["flip_y"]:
         t = t[::-1]
-    t = (t - t.mean()) * p["contrast"] + t.mean()
+    photo_mean, photo_std = _photo_stats(p["name"])  # every tile at the photo's level: no lighting shift between splits
+    t = (t - t.mean()) / (t.std() + 1e-6) * photo_std * p["contrast"] + photo_mean
     return np.repeat(np.ascontiguousarray(t)[..., None], 3, axis=2).astype(np.float32), None
 
 
@@ -127,12 +144,13 @@ _LEGACY_TRAY = {d: Defect(f"runtime.synthetic tray defect {d!r}") for d in STRUC
 _fabric = _textured(tex.sample_fabric, tex.render_fabric)
 _wood = _textured(tex.sample_wood, tex.render_wood)
 _leather = _textured(tex.sample_leather, tex.render_leather)
+_BIG = {"size": 1.8}  # busy natural textures hide small damage: draw it larger
 _REAL_DEFECTS = {
-    "scratch": Defect("thin bright or dark line", paint="scratch"),
-    "crack": Defect("jagged dark line with a branch", paint="crack"),
-    "hole": Defect("small dark opening with a faint rim", paint="hole"),
-    "contamination": Defect("foreign textured blob", paint="contamination"),
-    "stain": Defect("dried liquid, darker at its rim", paint="stain"),
+    "scratch": Defect("thin bright or dark line", paint="scratch", kwargs=_BIG),
+    "crack": Defect("jagged dark line with a branch", paint="crack", kwargs=_BIG),
+    "hole": Defect("small dark opening with a faint rim", paint="hole", kwargs=_BIG),
+    "contamination": Defect("foreign textured blob", paint="contamination", kwargs=_BIG),
+    "stain": Defect("dried liquid, darker at its rim", paint="stain", kwargs=_BIG),
 }
 
 CLASSES: dict[str, ClassSpec] = {c.name: c for c in [

@@ -103,8 +103,13 @@ def blend(good: np.ndarray, target: np.ndarray, alpha: np.ndarray) -> tuple[np.n
 def scratch(rng, good, roi, scale):
     """A thin, slightly curved line, brighter (scraped metal, lighter fibres) or darker than the surface."""
     h, w = good.shape[:2]
-    pts = _path(rng, pick_point(rng, h, w, roi), rng.uniform(0.08, 0.22) * 256 * scale, 6, 0.15)
-    alpha = line_alpha(h, w, pts, rng.uniform(0.8, 1.8) * scale) * rng.uniform(0.55, 0.9)
+    heading = None
+    if roi is not None and roi.any():  # along the part's long axis (a screw is scraped lengthwise), +-20 degrees
+        m = cv2.moments(roi.astype(np.uint8), binaryImage=True)
+        axis = 0.5 * np.arctan2(2 * m["mu11"], m["mu20"] - m["mu02"])
+        heading = axis + rng.uniform(-0.35, 0.35) + np.pi * int(rng.integers(2))
+    pts = _path(rng, pick_point(rng, h, w, roi), rng.uniform(0.08, 0.22) * 256 * scale, 6, 0.15, heading)
+    alpha = line_alpha(h, w, pts, rng.uniform(1.2, 2.4) * scale) * rng.uniform(0.55, 0.9)
     shift = rng.uniform(45, 90) * (1 if rng.random() < 0.6 else -1)
     return np.clip(good + shift, 0, 255), alpha
 
@@ -115,7 +120,7 @@ def crack(rng, good, roi, scale, heading: float | None = None):
     start = pick_point(rng, h, w, roi)
     length = rng.uniform(0.10, 0.22) * 256 * scale
     main = _path(rng, start, length, 9, 0.9 if heading is None else 0.5, heading)
-    alpha = line_alpha(h, w, main, rng.uniform(1.0, 2.2) * scale)
+    alpha = line_alpha(h, w, main, rng.uniform(1.3, 2.6) * scale)
     k = int(rng.integers(2, len(main) - 2))
     branch = _path(rng, tuple(main[k]), length * rng.uniform(0.25, 0.45), 4, 0.9)
     alpha = np.maximum(alpha, line_alpha(h, w, branch, 1.0 * scale))
@@ -186,24 +191,31 @@ def fold(rng, good, roi, scale):
     return target.astype(np.float32), alpha
 
 
+SURFACE = ("scratch", "crack", "colour", "stain", "fold")  # kinds that change the part's own surface
 PAINTERS: dict[str, Callable] = {"scratch": scratch, "crack": crack, "hole": hole, "contamination": contamination,
                                  "colour": colour, "stain": stain, "fold": fold}
 
 
 def paint(rng: np.random.Generator, good: np.ndarray, kind: str, roi: np.ndarray | None = None,
-          **kwargs) -> tuple[np.ndarray, np.ndarray]:
+          size: float = 1.0, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """Paint one ``kind`` defect on float ``good`` [H,W,3] -> (image float [H,W,3], mask bool [H,W]).
+
+    ``size`` multiplies the defect's dimensions (1 = sized for a 256 px image of a part);
+    ``kwargs`` go to the painter.
 
     Drawn again (up to 20 times) until the mask has at least MIN_AREA_PX pixels and, when ``roi``
     is given, at least half of it lies on the roi.
     """
     if kind not in PAINTERS:
         raise ValueError(f"unknown painted defect {kind!r}; choose from {', '.join(PAINTERS)}")
-    scale = max(max(good.shape[:2]) / 256.0, 0.25)
+    scale = max(max(good.shape[:2]) / 256.0, 0.25) * size
     for _ in range(20):
         target, alpha = PAINTERS[kind](rng, good, roi, scale, **kwargs)
+        drawn = alpha >= ALPHA_FLOOR
+        if roi is not None and kind in SURFACE:
+            alpha = alpha * roi  # surface damage stays on the part; contamination may overhang it
         out, mask = blend(good, target, alpha)
-        if mask.sum() >= MIN_AREA_PX and (roi is None or (mask & roi).sum() >= 0.5 * mask.sum()):
+        if mask.sum() >= MIN_AREA_PX and (roi is None or (drawn & roi).sum() >= 0.5 * drawn.sum()):
             break
     return out, mask
 

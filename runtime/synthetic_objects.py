@@ -83,10 +83,10 @@ def screw_tip_cut(rng: np.random.Generator, p: dict) -> dict:
 
 
 def screw_stripped(rng: np.random.Generator, p: dict) -> dict:
-    """Stripped thread: 2-3.5 pitches of the shank worn smooth and slimmer."""
+    """Stripped thread: 2.5-4 pitches of the shank worn smooth and slimmer."""
     L = p["length"]
     a0 = rng.uniform(0.25, 0.7) * L
-    return {**p, "stripped": (a0, a0 + rng.uniform(2.0, 3.5) * p["pitch"])}
+    return {**p, "stripped": (a0, a0 + rng.uniform(2.5, 4.0) * p["pitch"])}
 
 
 # ----------------------------------------------------------------------------- connector strip (non-square)

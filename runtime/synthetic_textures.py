@@ -27,9 +27,9 @@ def _rotated_grid(h: int, w: int, angle: float, ox: float, oy: float) -> tuple[n
 # ----------------------------------------------------------------------------- woven fabric
 
 def sample_fabric(rng: np.random.Generator, h: int, w: int) -> dict:
-    """Plain weave, thread period about 8 px at 256 px, rotated up to 4 degrees, random phase."""
+    """Plain weave, thread period about 11 px at 256 px, rotated up to 4 degrees, random phase."""
     scale = max(h, w) / 256
-    period = rng.uniform(7.0, 9.0) * scale
+    period = rng.uniform(10.0, 12.0) * scale
     return {"h": h, "w": w, "period": period, "angle": np.deg2rad(rng.uniform(-4, 4)),
             "ox": rng.uniform(0, 2 * period), "oy": rng.uniform(0, 2 * period),
             "warp_gain": rng.uniform(0.85, 1.0, 512).astype(np.float32),
@@ -61,13 +61,13 @@ def render_fabric(p: dict) -> np.ndarray:
 
 
 def float_thread(rng: np.random.Generator, p: dict) -> dict:
-    """The same fabric with one weft thread floating over 3-7 warp threads."""
+    """The same fabric with one weft thread floating over 4-8 warp threads."""
     q = dict(p)
     x, y = _rotated_grid(p["h"], p["w"], p["angle"], p["ox"], p["oy"])
     cy, cx = rng.uniform(0.2, 0.8) * p["h"], rng.uniform(0.2, 0.8) * p["w"]
     row = int(np.floor(y[int(cy), int(cx)] / p["period"]))
     col = int(np.floor(x[int(cy), int(cx)] / p["period"]))
-    q["float"] = (row, col, col + int(rng.integers(3, 8)))
+    q["float"] = (row, col, col + int(rng.integers(4, 9)))
     q["weft_gain"] = p["weft_gain"].copy()
     q["weft_gain"][row % 512] *= rng.uniform(1.05, 1.15)
     return q

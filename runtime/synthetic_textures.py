@@ -50,12 +50,15 @@ def render_fabric(p: dict) -> np.ndarray:
     j = np.floor(y / period).astype(np.int64)
     fx, fy = x / period - i, y / period - j
     warp_top = (i + j) % 2 == 0
-    if p["float"] is not None:  # a weft thread floats over the warp along a stretch (a weaving fault)
-        row, i0, i1 = p["float"]
-        warp_top &= ~((j == row) & (i >= i0) & (i <= i1))
+    weft_gain = p["weft_gain"][j % 512]
+    if p["float"] is not None:  # a weft thread floats over the warp along a stretch (a weaving fault), a little lighter
+        row, i0, i1, gain = p["float"]
+        floating = (j == row) & (i >= i0) & (i <= i1)
+        warp_top &= ~floating
+        weft_gain = np.where(floating, weft_gain * gain, weft_gain)
     bump_x, bump_y = np.sin(np.pi * fx) ** 0.6, np.sin(np.pi * fy) ** 0.6
     warp = bump_x * (0.72 + 0.28 * np.sin(np.pi * fy)) * p["warp_gain"][i % 512]
-    weft = bump_y * (0.72 + 0.28 * np.sin(np.pi * fx)) * p["weft_gain"][j % 512]
+    weft = bump_y * (0.72 + 0.28 * np.sin(np.pi * fx)) * weft_gain
     val = np.where(warp_top, warp, weft) + 0.06 * p["fuzz"]
     return np.clip(p["colour"] * (0.35 + 0.8 * val[..., None]), 0, 255).astype(np.float32)
 
@@ -67,9 +70,7 @@ def float_thread(rng: np.random.Generator, p: dict) -> dict:
     cy, cx = rng.uniform(0.2, 0.8) * p["h"], rng.uniform(0.2, 0.8) * p["w"]
     row = int(np.floor(y[int(cy), int(cx)] / p["period"]))
     col = int(np.floor(x[int(cy), int(cx)] / p["period"]))
-    q["float"] = (row, col, col + int(rng.integers(4, 9)))
-    q["weft_gain"] = p["weft_gain"].copy()
-    q["weft_gain"][row % 512] *= rng.uniform(1.05, 1.15)
+    q["float"] = (row, col, col + int(rng.integers(4, 9)), rng.uniform(1.05, 1.15))
     return q
 
 

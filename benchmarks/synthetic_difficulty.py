@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     mean = {k: round(float(np.mean([r[k] for r in rows.values()])), 4) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}
     payload = {"baseline": "kNN on frozen efficientnet_lite0 stages (2, 3), 3x3 avg, full memory, blur sigma 4 px @256, "
                "image score = map max", "image_size": a.image_size, "gen_size": a.gen_size, "seed": a.seed,
-               "counts": {"train": a.train, "test_good": a.test_good, "per_defect": a.per_defect},
+               "data": a.data or "generated in a temporary folder",
+               "counts": ({"train": a.train, "test_good": a.test_good, "per_defect": a.per_defect} if not a.data
+                          else "see n_train / n_test per class"),
                "torch_threads": torch.get_num_threads(), "classes": rows, "mean": mean}
     out = write_result(a.name or f"synthetic_difficulty_{a.image_size}px.json", payload)
     print(f"mean image AUROC {mean['image_auroc']:.3f}, pixel AUROC {mean['pixel_auroc']:.3f}, AUPRO {mean['aupro']:.3f} -> {out}")

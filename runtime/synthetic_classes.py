@@ -144,14 +144,19 @@ _LEGACY_TRAY = {d: Defect(f"runtime.synthetic tray defect {d!r}") for d in STRUC
 _fabric = _textured(tex.sample_fabric, tex.render_fabric)
 _wood = _textured(tex.sample_wood, tex.render_wood)
 _leather = _textured(tex.sample_leather, tex.render_leather)
-_BIG = {"size": 1.8}  # busy natural textures hide small damage: draw it larger
-_REAL_DEFECTS = {
-    "scratch": Defect("thin bright or dark line", paint="scratch", kwargs=_BIG),
-    "crack": Defect("jagged dark line with a branch", paint="crack", kwargs=_BIG),
-    "hole": Defect("small dark opening with a faint rim", paint="hole", kwargs=_BIG),
-    "contamination": Defect("foreign textured blob", paint="contamination", kwargs=_BIG),
-    "stain": Defect("dried liquid, darker at its rim", paint="stain", kwargs=_BIG),
-}
+# Busy natural textures hide small damage: defects are drawn larger, the busier the photo the larger
+# (set once by eye and by the kNN difficulty run at 128 px, benchmarks/synthetic_difficulty.py).
+REAL_DEFECT_SIZE = {"brick": 1.5, "gravel": 2.2, "grass": 2.6}
+
+
+def _real_defects(name: str) -> dict[str, Defect]:
+    big = {"size": REAL_DEFECT_SIZE[name]}
+    return {"scratch": Defect("thin bright or dark line", paint="scratch", kwargs=big),
+            "crack": Defect("jagged dark line with a branch", paint="crack", kwargs=big),
+            "hole": Defect("small dark opening with a faint rim", paint="hole", kwargs=big),
+            "contamination": Defect("foreign textured blob", paint="contamination", kwargs=big),
+            "stain": Defect("dried liquid, darker at its rim", paint="stain", kwargs=big)}
+
 
 CLASSES: dict[str, ClassSpec] = {c.name: c for c in [
     ClassSpec("board", "object", "grey board with four components in a fixed layout (runtime.synthetic)",
@@ -197,7 +202,7 @@ CLASSES: dict[str, ClassSpec] = {c.name: c for c in [
                "colour": Defect("discoloured patch", paint="colour")},
               sample=_leather[0], render=_leather[1]),
     *[ClassSpec(n, "real_texture", f"grayscale tiles of scikit-image's {n!r} photo, painted defects",
-                _REAL_DEFECTS, sample=_sample_tile(n), render=_render_tile, grey=True) for n in REAL_SOURCES],
+                _real_defects(n), sample=_sample_tile(n), render=_render_tile, grey=True) for n in REAL_SOURCES],
 ]}
 SYNTHETIC = tuple(n for n, c in CLASSES.items() if c.kind != "real_texture")
 

@@ -139,8 +139,16 @@ def _textured(sample: Callable, render: Callable) -> tuple[Callable, Callable]:
     return (lambda rng, h, w, split: sample(rng, h, w)), (lambda p: (render(p), None))
 
 
-_LEGACY_BOARD = {d: Defect(f"runtime.synthetic board defect {d!r}") for d in STRUCTURAL + LOGICAL}
-_LEGACY_TRAY = {d: Defect(f"runtime.synthetic tray defect {d!r}") for d in STRUCTURAL + TRAY_LOGICAL}
+_STRUCTURAL = {"scratch": "bright straight line", "spot": "dark round spot (contamination)", "crack": "dark jagged line"}
+_LEGACY_BOARD = {**{d: Defect(t) for d, t in _STRUCTURAL.items()},
+                 "missing": Defect("logical: a component missing (missing part)"),
+                 "duplicated": Defect("logical: a copy of a component in the free centre (extra part)"),
+                 "swapped": Defect("logical: a component in another component's colour"),
+                 "misplaced": Defect("logical: a component moved to the free centre; mask = old and new place")}
+_LEGACY_TRAY = {**{d: Defect(t) for d, t in _STRUCTURAL.items()},
+                "extra": Defect("logical: a seventh pellet (extra part)"),
+                "missing": Defect("logical: a pellet missing; it has no place, so the mask is the whole tray"),
+                "wrong_mix": Defect("logical: a pellet in the wrong colour (counts 3/1 instead of 2/2)")}
 _fabric = _textured(tex.sample_fabric, tex.render_fabric)
 _wood = _textured(tex.sample_wood, tex.render_wood)
 _leather = _textured(tex.sample_leather, tex.render_leather)
@@ -189,7 +197,7 @@ CLASSES: dict[str, ClassSpec] = {c.name: c for c in [
               sample=_fabric[0], render=_fabric[1]),
     ClassSpec("wood", "texture", "planed wood, grain along x, knots in about a third of the good images",
               {"scratch": Defect("scratch across the grain", paint="scratch"),
-               "crack": Defect("split along the grain", paint="crack"),
+               "crack": Defect("split along the grain", paint="crack", kwargs={"heading": 0.0}),
                "hole": Defect("worm hole", paint="hole"),
                "stain": Defect("dried liquid", paint="stain"),
                "colour": Defect("discoloured patch", paint="colour")},

@@ -112,3 +112,10 @@ def test_generator_imports_without_torch_or_scikit_image():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_board_and_tray_keep_runtime_synthetic_defect_names():
+    from runtime.synthetic import LOGICAL, STRUCTURAL, TRAY_LOGICAL
+
+    assert set(CLASSES["board"].defects) == set(STRUCTURAL + LOGICAL) | {"colour"}
+    assert set(CLASSES["tray"].defects) == set(STRUCTURAL + TRAY_LOGICAL) | {"colour"}

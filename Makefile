@@ -23,8 +23,8 @@ demo: install
 	$(BIN)/python -m runtime.synthetic --out $(DEMO)/data --size 256 --train 60 --test-good 10 --per-defect 4
 	$(BIN)/python -m train --data $(DEMO)/data --out $(DEMO)/run --image-size 128 --steps 600
 	$(BIN)/python -m export onnx $(DEMO)/run/checkpoint.pt --out $(DEMO)/model.onnx
-	$(BIN)/python -m calibration fit --model $(DEMO)/model.onnx --good $(DEMO)/data/train/good --defects $(DEMO)/data/test/spot
-	$(BIN)/python -m calibration report --model $(DEMO)/model.onnx --good $(DEMO)/data/test/good --defects $(DEMO)/data/test/scratch --plot $(DEMO)/scores.png --json $(DEMO)/report.json
+	$(BIN)/python -m calibration fit --model $(DEMO)/model.onnx --good $(DEMO)/data/train/good
+	$(BIN)/python -m calibration report --model $(DEMO)/model.onnx --good $(DEMO)/data/test/good --defects $(DEMO)/data/test/scratch $(DEMO)/data/test/spot $(DEMO)/data/test/crack --plot $(DEMO)/scores.png --json $(DEMO)/report.json
 	$(BIN)/python -m runtime.stream --demo --demo-frames 120 --model $(DEMO)/model.onnx --headless --jsonl $(DEMO)/frames.jsonl --save-ng $(DEMO)/ng --summary $(DEMO)/summary.json
 	@echo "demo done: per-frame decisions in $(DEMO)/frames.jsonl, NG overlays in $(DEMO)/ng/, summary in $(DEMO)/summary.json"
 

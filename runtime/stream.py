@@ -118,7 +118,8 @@ class Stream:
 
     def __init__(self, model, source: Source, batch: int = 1, policy: str | None = None, sink: IO[str] | None = None,
                  save_ng: str | Path | None = None, show: bool = False, max_frames: int | None = None,
-                 report_every: float = 5.0, reconnect_delay: float = 0.5, max_reconnects: int = 5):
+                 report_every: float = 5.0, reconnect_delay: float = 0.5, max_reconnects: int = 5,
+                 reconnect_max_delay: float = 30.0):
         self.model, self.source = model, source
         self.batch = max(1, batch)
         self.policy = policy or ("latest" if source.live else "block")
@@ -133,6 +134,7 @@ class Stream:
         self.max_frames = max_frames
         self.report_every = report_every
         self.reconnect_delay, self.max_reconnects = reconnect_delay, max_reconnects
+        self.reconnect_max_delay = reconnect_max_delay
         self.reconnects = 0
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
@@ -173,8 +175,10 @@ class Stream:
                     if self._stop.is_set():
                         return None
                     log.warning("inference server lost, reconnecting in %.1fs (try %d/%d)",
-                                min(30.0, self.reconnect_delay * 2 ** attempt), attempt, self.max_reconnects)
-                    if self.model.backend.wait_ready(attempt, base=self.reconnect_delay):
+                                min(self.reconnect_max_delay, self.reconnect_delay * 2 ** attempt), attempt,
+                                self.max_reconnects)
+                    if self.model.backend.wait_ready(attempt, base=self.reconnect_delay,
+                                                     max_delay=self.reconnect_max_delay):
                         self.reconnects += 1
                         log.warning("inference server back after %d tries", attempt)
                         break

@@ -84,6 +84,13 @@ def backend_dir(dist: Path) -> Path:
             shutil.copy2(src / name, py / name)
         shutil.copy2(stub, py / "triton_python_backend_stub")
         os.chmod(py / "triton_python_backend_stub", 0o755)
+    libs = dist / "nvidia_pytriton.libs"
+    r = subprocess.run(["ldd", str(py / "triton_python_backend_stub")], capture_output=True, text=True,
+                       env={**os.environ, "LD_LIBRARY_PATH": str(libs)})
+    missing = [line.split()[0] for line in r.stdout.splitlines() if "not found" in line]
+    if missing:
+        raise TritonUnavailable(f"the python backend stub needs {', '.join(missing)} (Debian/Ubuntu: "
+                                f"apt-get install libpython{ver})")
     return be
 
 
@@ -124,12 +131,14 @@ class LocalTriton:
     """
 
     def __init__(self, repo: str | Path, log_path: str | Path, http_port: int | None = None,
-                 grpc_port: int | None = None, dist: Path | None = None):
+                 grpc_port: int | None = None, dist: Path | None = None, models: list[str] | None = None,
+                 extra_args: list[str] | None = None):
         self.repo, self.log_path = Path(repo), Path(log_path)
         self.dist = dist or server_dist()
         self.be = backend_dir(self.dist)
         self.stub_env = stub_env(self.dist.parent)
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
+        self.models, self.extra_args = models, list(extra_args or [])
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -150,7 +159,7 @@ class LocalTriton:
                "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--allow-metrics", "false",
                "--backend-config", f"python,shm-region-prefix-name=edgead_{os.getpid()}_{self.grpc_port}_",
-               "--log-verbose", "0"]
+               "--log-verbose", "0", *self.extra_args]
         log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log_file.close()
@@ -163,16 +172,16 @@ class LocalTriton:
             return ""
 
     def wait_ready(self, timeout: float = 60.0) -> "LocalTriton":
-        """Poll /v2/health/ready until every model loaded; raise TritonUnavailable with the log's tail if not."""
+        """Poll readiness (of ``models`` if given, else of the server) until ready; raise TritonUnavailable with the log's tail if not."""
         t_end = time.monotonic() + timeout
         while time.monotonic() < t_end:
             if self.proc is not None and self.proc.poll() is not None:
                 raise TritonUnavailable(f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}")
+            paths = [f"/v2/models/{m}/ready" for m in self.models] if self.models else ["/v2/health/ready"]
             try:
-                with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
+                if all(urllib.request.urlopen(self.http_url + p, timeout=1).status == 200 for p in paths):
+                    return self
+            except OSError:  # refused while starting, or 400 (urllib.error.HTTPError) until the models load
                 pass
             time.sleep(0.1)
         raise TritonUnavailable(f"tritonserver not ready after {timeout:.0f}s:\n{self.log_tail()}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -43,7 +44,8 @@ def _is_unavailable(e: BaseException) -> bool:
     status = str(getattr(e, "status", lambda: "")() or "")
     text = str(e).lower()
     return ("UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status or "failed to connect" in text
-            or "connection refused" in text or "socket closed" in text or "connection reset" in text)
+            or "connection refused" in text or "socket closed" in text or "connection reset" in text
+            or "connection closed" in text or "broken pipe" in text)
 
 
 class TritonBackend(Backend):
@@ -62,7 +64,7 @@ class TritonBackend(Backend):
         else:
             import tritonclient.http as client_mod
         self._mod = client_mod
-        self.client = self._new_client()
+        self._tls = threading.local()
         self._check_server()
         config = self._config()
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -83,6 +85,14 @@ class TritonBackend(Backend):
                                 "`python -m export triton`); pass --model PATH of the artifact it serves")
         super().__init__(f"{server}/{model_name}", sidecar)
         self._check_io(config)
+
+    @property
+    def client(self):
+        """One client per thread: the HTTP client (gevent) refuses calls from another thread than its own."""
+        c = getattr(self._tls, "client", None)
+        if c is None:
+            c = self._tls.client = self._new_client()
+        return c
 
     def _new_client(self):
         if self.protocol == "http":  # its timeouts are the client's, not the request's
@@ -174,16 +184,18 @@ class TritonBackend(Backend):
     def wait_ready(self, attempt: int, base: float = 0.5, max_delay: float = 30.0) -> bool:
         """Back off (base * 2^attempt s, capped), then say whether the server answers and the model is ready."""
         time.sleep(min(max_delay, base * 2 ** attempt))
-        if self.protocol == "http":  # its connection pool keeps sockets of the dead server: start afresh
-            self.close()
-            self.client = self._new_client()
+        # a fresh client: http's pool keeps sockets of the dead server, and a gRPC channel that failed waits out
+        # its own growing back-off before it dials again
+        self.close()
         try:
             return bool(self.client.is_server_live() and self.client.is_model_ready(self.model_name))
         except Exception:  # still down
             return False
 
     def close(self) -> None:
+        c, self._tls.client = getattr(self._tls, "client", None), None
         try:
-            self.client.close()
+            if c is not None:
+                c.close()
         except Exception:  # closing a client of a dead server is not worth an error
             pass

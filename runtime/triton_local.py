@@ -85,8 +85,11 @@ def backend_dir(dist: Path) -> Path:
         shutil.copy2(stub, py / "triton_python_backend_stub")
         os.chmod(py / "triton_python_backend_stub", 0o755)
     libs = dist / "nvidia_pytriton.libs"
-    r = subprocess.run(["ldd", str(py / "triton_python_backend_stub")], capture_output=True, text=True,
-                       env={**os.environ, "LD_LIBRARY_PATH": str(libs)})
+    try:
+        r = subprocess.run(["ldd", str(py / "triton_python_backend_stub")], capture_output=True, text=True,
+                           env={**os.environ, "LD_LIBRARY_PATH": str(libs)})
+    except OSError:  # no ldd: let the server say what is missing
+        return be
     missing = [line.split()[0] for line in r.stdout.splitlines() if "not found" in line]
     if missing:
         raise TritonUnavailable(f"the python backend stub needs {', '.join(missing)} (Debian/Ubuntu: "

@@ -38,7 +38,7 @@ def make_model(work: Path, image_size: int) -> Path:
     from train.loop import TrainConfig, train
 
     root = write_dataset(work / "parts", size=image_size, n_train=16, n_test_good=4, n_per_defect=2, seed=0)
-    ckpt = train(TrainConfig(data=str(root), out=str(work / "run"), image_size=image_size, steps=20, seed=0,
+    ckpt = train(TrainConfig(data=str(root), out=str(work / "run"), image_size=image_size, steps=4, seed=0,
                              save_every=0))
     return export_onnx(ckpt, work / "model.onnx", batch="dynamic")
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                      queue_delay_us=args.queue_delay_us)
     stream = [sys.executable, "-m", "runtime.stream", "--policy", "block", "--headless", "-q"]
     results = []
+    load_before = os.getloadavg()
     with LocalTriton(repo, work / "server.log", models=["served"]) as server:
         for k in args.cameras:
             row = {"cameras": k}
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model), "model_input": f"{args.image_size if not args.model else 'see sidecar'}",
         "frames_per_camera": args.frames, "frame_size": args.frame_size, "server": "tritonserver 2.51.0 "
         "(nvidia-pytriton 0.7.0 wheel), python backend running ONNX Runtime CPU on the same machine, loopback gRPC",
-        "local_threads_per_process": "cores // K (EDGEAD_THREADS)", "triton_config": cfg, "results": results,
+        "local_threads_per_process": "cores // K (EDGEAD_THREADS)",
+        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+                                   "after": [round(x, 2) for x in os.getloadavg()]}, "triton_config": cfg, "results": results,
         "targets": {"K=4 triton/local >= 0.9": next((r["triton_over_local"] >= 0.9 for r in results
                                                       if r["cameras"] == 4), None),
                     "K=1 triton/local >= 0.8": next((r["triton_over_local"] >= 0.8 for r in results

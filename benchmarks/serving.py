@@ -37,7 +37,7 @@ def make_model(work: Path, image_size: int) -> Path:
     from runtime.synthetic import write_dataset
     from train.loop import TrainConfig, train
 
-    root = write_dataset(work / "parts", size=image_size, n_train=16, n_test_good=4, n_per_defect=2, seed=0)
+    root = write_dataset(work / "parts", size=image_size, n_train=40, n_test_good=4, n_per_defect=2, seed=0)
     ckpt = train(TrainConfig(data=str(root), out=str(work / "run"), image_size=image_size, steps=4, seed=0,
                              save_every=0))
     return export_onnx(ckpt, work / "model.onnx", batch="dynamic")

@@ -115,7 +115,6 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
@@ -137,6 +136,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{path}: sha256 {digest[:12]} differs from config.pbtxt's edgead_model_sha256; "
                 "write the repository again with `python -m export triton`")
+        import onnxruntime as ort  # after the digest check: a refused model fails fast
+
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

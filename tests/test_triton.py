@@ -104,6 +104,12 @@ def served_repo(tmp_path_factory, onnx_model) -> Path:
     write_repository(onnx_model, repo, name="tampered", backend="python")
     with open(repo / "tampered" / "1" / "model.onnx", "ab") as f:
         f.write(b"\0")
+    # a family-free graph, served as it is, and once with a sidecar that promises another input size
+    toy = toy_artifact(tmp_path_factory.mktemp("toy") / "toy.onnx")
+    write_repository(toy, repo, name="toy", backend="python")
+    cfg = write_repository(toy, repo, name="toy_mismatch", backend="python") / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace('\\"height\\":8', '\\"height\\":16'))
+    assert '\\"height\\":16' in cfg.read_text()
     return repo
 
 
@@ -111,7 +117,8 @@ def served_repo(tmp_path_factory, onnx_model) -> Path:
 def server(triton_dist, served_repo, tmp_path_factory):
     from runtime.triton_local import LocalTriton
 
-    srv = LocalTriton(served_repo, tmp_path_factory.mktemp("log") / "server.log", dist=triton_dist, models=[NAME],
+    srv = LocalTriton(served_repo, tmp_path_factory.mktemp("log") / "server.log", dist=triton_dist,
+                      models=[NAME, "toy", "toy_mismatch"],
                       extra_args=["--exit-on-error", "false", "--strict-readiness", "false"])
     srv.start().wait_ready(90)
     yield srv
@@ -205,6 +212,24 @@ def test_served_scores_equal_local(server, local, synthetic_root, proto):
     remote.close()
 
 
+def test_any_graph_is_served(server, served_repo):
+    """Nothing in the path names a model family: a toy graph's outputs come back as the graph makes them."""
+    import onnxruntime as ort
+
+    from runtime.backends.triton_backend import TritonBackend
+
+    backend = TritonBackend(server.grpc_url, "toy")
+    x = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    got = backend.infer(x)
+    sess = ort.InferenceSession(str(served_repo / "toy" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"frames": x})))
+    assert set(got) == {"anomaly_map", "image_score", "extra"}
+    for k in want:
+        assert got[k].shape == want[k].shape and np.abs(got[k] - want[k]).max() <= 1e-5, k
+    assert backend.sidecar.outputs["extra"] == "min"
+    backend.close()
+
+
 def _client(url: str, frames: list[np.ndarray], period: float = 0.0, policy: str = "block", live: bool = False):
     from runtime.model import Model
     from runtime.stream import Stream
@@ -242,6 +267,31 @@ def test_four_concurrent_clients(server, local, synthetic_root):
         _check_client(records(sink), frames, local)
 
 
+def test_clear_errors(server, served_repo, tmp_path, capsys, synthetic_root):
+    from runtime.backends.base import BackendUnavailable
+    from runtime.model import Model
+    from runtime.stream import main
+    from runtime.triton_local import free_port
+
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(next(synthetic_root.rglob("*.png")), tmp_path / "imgs" / "a.png")
+    rc = main(["--images", str(tmp_path / "imgs"), "--server", server.grpc_url, "--model-name", "nope", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "error: model 'nope' is not in the repository" in err[-1] and "--model-name" in err[-1]
+    with pytest.raises(ArtifactError, match="not ready .*UNAVAILABLE.*sha256"):
+        Model(None, server=server.grpc_url, model_name="tampered")
+    with pytest.raises(ArtifactError, match=r"input 'frames' is UINT8 \[-1, 8, 8, 3\], the sidecar expects UINT8 "
+                       r"\[N,16,8,3\]"):
+        Model(None, server=server.grpc_url, model_name="toy_mismatch")
+    other = toy_artifact(tmp_path / "other.onnx")
+    with pytest.raises(ArtifactError, match="differs from the model 'edgead_py'"):
+        Model(other, server=server.http_url, model_name=NAME)
+    with pytest.raises(BackendUnavailable, match="cannot reach Triton"):
+        Model(None, server=f"grpc://127.0.0.1:{free_port()}", model_name=NAME)
+    assert main(["--images", str(tmp_path / "imgs"), "--server", server.grpc_url, "-q"]) == 2
+    assert "--model-name" in capsys.readouterr().err
+
+
 def test_server_killed_and_restarted_midstream(server, local, synthetic_root, caplog):
     """SIGKILL mid-stream, restart on the same ports: clients report, reconnect and score every frame once."""
     caplog.set_level(logging.WARNING)
@@ -258,6 +308,8 @@ def test_server_killed_and_restarted_midstream(server, local, synthetic_root, ca
         time.sleep(0.02)
     server.kill()
     time.sleep(0.5)
+    server.models = [NAME]  # the last test of the module: bring back only the model the clients use
+    server.extra_args += ["--model-control-mode", "explicit", "--load-model", NAME]
     server.start().wait_ready(90)
     runner.join(120)
     *summaries, live_summary = done
@@ -272,26 +324,3 @@ def test_server_killed_and_restarted_midstream(server, local, synthetic_root, ca
     ids = [r["frame_id"] for r in records(live_sink)]
     assert ids == sorted(set(ids))
     assert any("reconnecting" in r.getMessage() for r in caplog.records)
-
-
-def test_clear_errors(server, served_repo, tmp_path, capsys, synthetic_root):
-    from runtime.backends.base import BackendUnavailable
-    from runtime.model import Model
-    from runtime.stream import main
-    from runtime.triton_local import free_port
-
-    (tmp_path / "imgs").mkdir()
-    shutil.copy(next(synthetic_root.rglob("*.png")), tmp_path / "imgs" / "a.png")
-    rc = main(["--images", str(tmp_path / "imgs"), "--server", server.grpc_url, "--model-name", "nope", "-q"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and "error: model 'nope' is not in the repository" in err[-1] and "--model-name" in err[-1]
-    with pytest.raises(ArtifactError, match="not ready .*UNAVAILABLE.*sha256"):
-        Model(None, server=server.grpc_url, model_name="tampered")
-    other = toy_artifact(tmp_path / "other.onnx")
-    with pytest.raises(ArtifactError, match="differs from the model 'edgead_py'"):
-        Model(other, server=server.http_url, model_name=NAME)
-    with pytest.raises(BackendUnavailable, match="cannot reach Triton"):
-        Model(None, server=f"grpc://127.0.0.1:{free_port()}", model_name=NAME)
-    assert main(["--images", str(tmp_path / "imgs"), "--server", server.grpc_url, "-q"]) == 2
-    assert "--model-name" in capsys.readouterr().err
-

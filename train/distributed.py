@@ -88,6 +88,22 @@ def wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     return DDP(module, device_ids=ids)
 
 
+class LossModule(torch.nn.Module):
+    """``fn(model, *args)`` as a module, so DDP sees the forward that uses the trainable parameters.
+
+    Training loops that call submodules directly (student trunk, heads, autoencoder) wrap their loss
+    function with this instead of rewriting it: ``losses = wrap(LossModule(_losses, model), ctx)(rgb, ...)``.
+    Frozen parts (requires_grad False) are ignored by DDP.
+    """
+
+    def __init__(self, fn, model: torch.nn.Module):
+        super().__init__()
+        self.fn, self.model = fn, model
+
+    def forward(self, *args, **kwargs):
+        return self.fn(self.model, *args, **kwargs)
+
+
 def global_batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> torch.Tensor:
     """The step's global batch (with replacement, as the one-process loop draws it), identical on every rank.
 

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="edgead_serving_"))
     work.mkdir(parents=True, exist_ok=True)
-    model = Path(args.model) if args.model else make_model(work, args.image_size)
+    model = Path(args.model) if args.model else (work / "model.onnx" if (work / "model.onnx").is_file()
+                                                 else make_model(work, args.image_size))
     videos = make_videos(work, max(args.cameras), args.frames, args.frame_size)
     cores = os.cpu_count() or 1
     repo = work / "repo"

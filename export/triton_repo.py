@@ -149,8 +149,8 @@ class TritonPythonModel:
         first = self.session.get_inputs()[0].shape[0]
         self.fixed_batch = first if isinstance(first, int) and first > 0 else None
         self.output_names = [o["name"] for o in cfg["output"]]
-        # per-item shape of each output as the config declares it (dims, or reshape when present)
-        self.item_shape = {o["name"]: tuple(o.get("reshape", {}).get("shape", o["dims"])) for o in cfg["output"]}
+        # outputs declared dims [1] + reshape [] are [N] in the graph: Triton wants them [N] from here too
+        self.per_item_scalar = {o["name"] for o in cfg["output"] if "reshape" in o and not o["reshape"].get("shape")}
 
     def _run(self, feeds):
         b = self.fixed_batch
@@ -179,8 +179,11 @@ class TritonPythonModel:
             return [pb_utils.InferenceResponse(error=err) for _ in requests]
         responses, start = [], 0
         for n in sizes:
-            tensors = [pb_utils.Tensor(k, np.ascontiguousarray(outs[k][start:start + n].reshape((n,) + self.item_shape[k])))
-                       for k in self.output_names]
+            tensors = []
+            for k in self.output_names:
+                part = outs[k][start:start + n]
+                tensors.append(pb_utils.Tensor(k, np.ascontiguousarray(part.reshape(n) if k in self.per_item_scalar
+                                                                       else part)))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses

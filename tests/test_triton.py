@@ -27,7 +27,8 @@ NAME = "edgead_py"
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def toy_artifact(path: Path, size: int = 8) -> Path:
-    """A family-free graph: uint8 frames [N,s,s,3] -> anomaly_map [N,1,s,s], image_score [N], extra [N]."""
+    """A family-free graph: uint8 frames [N,s,s,3] -> anomaly_map [N,1,H,W] (H, W left symbolic, as exporters
+    sometimes leave them), image_score [N], extra [N]."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -38,7 +39,7 @@ def toy_artifact(path: Path, size: int = 8) -> Path:
              helper.make_node("ReduceMin", ["m"], ["extra"], axes=[1, 2, 3], keepdims=0)]
     graph = helper.make_graph(
         nodes, "toy", [helper.make_tensor_value_info("frames", TensorProto.UINT8, ["N", size, size, 3])],
-        [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", 1, size, size]),
+        [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", 1, "H", "W"]),
          helper.make_tensor_value_info("image_score", TensorProto.FLOAT, ["N"]),
          helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -151,7 +152,7 @@ def test_onnxruntime_config_matches_graph(tmp_path):
     assert cfg.name == "toy" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
     assert [(t.name, t.data_type, list(t.dims)) for t in cfg.input] == [("frames", pb.TYPE_UINT8, [8, 8, 3])]
     outs = {t.name: (t.data_type, list(t.dims), t.HasField("reshape"), list(t.reshape.shape)) for t in cfg.output}
-    assert outs == {"anomaly_map": (pb.TYPE_FP32, [1, 8, 8], False, []),
+    assert outs == {"anomaly_map": (pb.TYPE_FP32, [1, -1, -1], False, []),
                     "image_score": (pb.TYPE_FP32, [1], True, []), "extra": (pb.TYPE_FP32, [1], True, [])}
     assert cfg.HasField("dynamic_batching")
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, pb.ModelInstanceGroup.KIND_GPU)]

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnxruntime: platform onnxruntime_onnx (production, official container); python: the same "
                     "ONNX run by ONNX Runtime inside Triton's python backend (servers without the ORT backend)")
     tr.add_argument("--kind", choices=["gpu", "cpu"], help="instance kind (default gpu for onnxruntime, cpu for python)")
+    tr.add_argument("--engine", help="also serve this TensorRT engine (built from ONNX with `export tensorrt` on the "
+                    "serving GPU) as platform tensorrt_plan instead of the ONNX")
     tr.add_argument("--queue-delay-us", type=int, default=500,
                     help="dynamic batcher: longest wait for more requests, microseconds (default 500)")
     return p
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
             out = write_repository(args.onnx, args.out, name=args.name, backend=args.backend, max_batch=args.max_batch,
                                    instances=args.instances, kind=f"KIND_{args.kind.upper()}" if args.kind else None,
-                                   queue_delay_us=args.queue_delay_us)
+                                   queue_delay_us=args.queue_delay_us, engine=args.engine)
         else:
             from .tensorrt_build import build_engine
 

@@ -1,7 +1,7 @@
 """ONNX artifact -> a standard Triton Inference Server model repository.
 
-    REPO/NAME/config.pbtxt          platform "onnxruntime_onnx" (production) or backend "python"
-    REPO/NAME/1/model.onnx          the artifact's graph, byte for byte
+    REPO/NAME/config.pbtxt          platform "onnxruntime_onnx" (production), "tensorrt_plan" (--engine) or backend "python"
+    REPO/NAME/1/model.onnx          the artifact's graph, byte for byte (model.plan with --engine)
     REPO/NAME/1/model.onnx.json     its sidecar (thresholds, resize policy: exactly the artifact's)
     REPO/NAME/1/model.py            python variant only: the same ONNX run by ONNX Runtime inside Triton
 
@@ -33,7 +33,8 @@ ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.FLOAT: "TYPE_FP32",
     onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.BOOL: "TYPE_BOOL",
 }
-BACKENDS = ("onnxruntime", "python")
+BACKENDS = ("onnxruntime", "python", "tensorrt")
+MODEL_FILES = {"onnxruntime": "model.onnx", "python": "model.onnx", "tensorrt": "model.plan"}
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -91,9 +92,10 @@ def render_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
         log.warning("%s: the graph has a fixed batch dimension %s; Triton cannot batch requests for it "
                     "(max_batch_size 0). Re-export with `python -m export onnx ... --batch dynamic` to let it",
                     name, inputs[0].shape[:1])
-    kind = kind or ("KIND_GPU" if backend == "onnxruntime" else "KIND_CPU")
+    kind = kind or ("KIND_CPU" if backend == "python" else "KIND_GPU")
     head = [f'name: "{name}"']
-    head.append('platform: "onnxruntime_onnx"' if backend == "onnxruntime" else 'backend: "python"')
+    head.append({"onnxruntime": 'platform: "onnxruntime_onnx"', "tensorrt": 'platform: "tensorrt_plan"',
+                 "python": 'backend: "python"'}[backend])
     head.append(f"max_batch_size: {max_batch if batching else 0}")
     text = "\n".join(head) + "\n"
     text += "input [\n" + ",\n".join(_tensor_block(t, batching) for t in inputs) + "\n]\n"
@@ -101,8 +103,8 @@ def render_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
     if batching:
         text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
     text += f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n"
-    if backend == "onnxruntime":
-        text += 'default_model_filename: "model.onnx"\n'
+    if backend != "python":
+        text += f'default_model_filename: "{MODEL_FILES[backend]}"\n'
     text += _param("edgead_model_sha256", sha256) + "\n"
     text += _param("edgead_sidecar", sidecar_json) + "\n"
     return text
@@ -192,11 +194,13 @@ class TritonPythonModel:
 
 def write_repository(model_path: str | Path, out: str | Path, name: str | None = None, backend: str = "onnxruntime",
                      max_batch: int = 8, instances: int = 1, kind: str | None = None,
-                     queue_delay_us: int = 500) -> Path:
+                     queue_delay_us: int = 500, engine: str | Path | None = None) -> Path:
     """Write REPO/NAME/{config.pbtxt,1/model.onnx,1/model.onnx.json[,1/model.py]}; returns REPO/NAME.
 
-    The graph and its sidecar are checked (digest) before anything is written; an existing
-    REPO/NAME/1 is replaced only after the new files are complete.
+    ``engine``: a TensorRT engine built from this ONNX (``python -m export tensorrt``), served as
+    ``tensorrt_plan`` (1/model.plan + its own sidecar); tensor names and dims still come from the ONNX.
+    The files and sidecars are checked (digest) before anything is written; an existing REPO/NAME/1 is
+    replaced only after the new files are complete.
     """
     model_path = Path(model_path)
     if model_path.suffix.lower() != ".onnx":
@@ -209,6 +213,12 @@ def write_repository(model_path: str | Path, out: str | Path, name: str | None =
     if kind is not None and kind not in ("KIND_GPU", "KIND_CPU"):
         raise ArtifactError(f"--kind {kind!r}: choose gpu or cpu")
     sidecar = read_sidecar(model_path, verify_hash=True)
+    served = model_path
+    if engine is not None:
+        if backend == "python":
+            raise ArtifactError("--engine is served by Triton's TensorRT backend; drop --backend python")
+        backend, served = "tensorrt", Path(engine)
+        sidecar = read_sidecar(served, verify_hash=True)  # the engine's own sidecar (format tensorrt)
     name = name or model_path.stem
     if not NAME_RE.match(name):
         raise ArtifactError(f"--name {name!r}: use letters, digits, '_', '-' or '.' only")
@@ -223,13 +233,14 @@ def write_repository(model_path: str | Path, out: str | Path, name: str | None =
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    shutil.copyfile(model_path, staging / "model.onnx")
-    write_sidecar(staging / "model.onnx", sidecar)  # model_file becomes model.onnx; same digest
-    sidecar = read_sidecar(staging / "model.onnx")
+    dst = staging / MODEL_FILES[backend]
+    shutil.copyfile(served, dst)
+    write_sidecar(dst, sidecar)  # model_file becomes model.onnx / model.plan; same digest
+    sidecar = read_sidecar(dst)
     if backend == "python":
         atomic_write_text(staging / "model.py", PYTHON_MODEL)
     sidecar_json = json.dumps(sidecar.to_dict(), separators=(",", ":"), ensure_ascii=False)
-    config = render_config(name, inputs, outputs, sidecar_json, file_sha256(staging / "model.onnx"), backend=backend,
+    config = render_config(name, inputs, outputs, sidecar_json, file_sha256(dst), backend=backend,
                            max_batch=max_batch, instances=instances, kind=kind, queue_delay_us=queue_delay_us)
     version = model_dir / "1"
     if version.exists():

@@ -164,6 +164,26 @@ def test_onnxruntime_config_matches_graph(tmp_path):
     assert sc == read_sidecar(served).to_dict() and sc["thresholds"]["image"] == 100.0
 
 
+def test_engine_config_is_tensorrt_plan(tmp_path):
+    """With --engine: platform tensorrt_plan, 1/model.plan + the engine's sidecar, tensors from the ONNX.
+    (The engine's bytes are opaque to the writer; no TensorRT here to build a real one.)"""
+    from export.triton_repo import write_repository
+
+    art = toy_artifact(tmp_path / "toy.onnx")
+    engine = tmp_path / "toy.engine"
+    engine.write_bytes(b"engine bytes built by TensorRT on the serving GPU")
+    sc = read_sidecar(art)
+    sc.backend_format = "tensorrt"
+    write_sidecar(engine, sc)
+    cfg = _parse(write_repository(art, tmp_path / "repo", name="toy_trt", engine=engine) / "config.pbtxt")
+    assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
+    assert cfg.max_batch_size == 8 and [t.name for t in cfg.input] == ["frames"]
+    plan = tmp_path / "repo" / "toy_trt" / "1" / "model.plan"
+    assert plan.read_bytes() == engine.read_bytes() and not (plan.parent / "model.onnx").exists()
+    assert cfg.parameters["edgead_model_sha256"].string_value == file_sha256(engine) == read_sidecar(plan).model_sha256
+    assert json.loads(cfg.parameters["edgead_sidecar"].string_value)["backend_format"] == "tensorrt"
+
+
 def test_fixed_batch_graph_gets_no_batching_on_onnxruntime(tmp_path, onnx_model):
     """A batch-1 export cannot be batched by Triton's ORT backend: max_batch_size 0, full dims; python variant batches."""
     from export.triton_repo import graph_tensors, write_repository

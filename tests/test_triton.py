@@ -29,7 +29,6 @@ NAME = "edgead_py"
 def toy_artifact(path: Path, size: int = 8) -> Path:
     """A family-free graph: uint8 frames [N,s,s,3] -> anomaly_map [N,1,H,W] (H, W left symbolic, as exporters
     sometimes leave them), image_score [N], extra [N]."""
-    import onnx
     from onnx import TensorProto, helper
 
     nodes = [helper.make_node("Cast", ["frames"], ["f"], to=TensorProto.FLOAT),

@@ -24,10 +24,6 @@ from .base import Backend, BackendUnavailable, ServerUnavailable
 
 log = logging.getLogger(__name__)
 
-TRITON_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
-                 "INT8": np.int8, "FP64": np.float64, "BOOL": np.bool_}
-
-
 def parse_server(url: str) -> tuple[str, str]:
     """'grpc://host:8001' | 'http://host:8000' | 'host:8001' (gRPC) -> (protocol, 'host:port')."""
     u = urlparse(url if "://" in url else f"grpc://{url}")
@@ -152,7 +148,6 @@ class TritonBackend(Backend):
         # outputs declared as dims [1] + reshape [] (per-item scalars) come back [N,1]: give back the graph's [N]
         self._squeeze = {o["name"] for o in config.get("output", []) if "reshape" in o
                          and not o["reshape"].get("shape")}
-        self._out_dtypes = {o["name"]: TRITON_DTYPES.get(o["datatype"]) for o in outs}
 
     # -- inference ---------------------------------------------------------------------------------------------
     @property

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO := demo_out
 
-.PHONY: demo test install runtime-only-check clean
+.PHONY: demo test install runtime-only-check triton-server clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,15 @@ demo: install
 	$(BIN)/python -m runtime.stream --demo --demo-frames 120 --model $(DEMO)/model.onnx --headless --jsonl $(DEMO)/frames.jsonl --save-ng $(DEMO)/ng --summary $(DEMO)/summary.json
 	@echo "demo done: per-frame decisions in $(DEMO)/frames.jsonl, NG overlays in $(DEMO)/ng/, summary in $(DEMO)/summary.json"
 
-test: install runtime-only-check
+test: install runtime-only-check triton-server
 	$(BIN)/python -m pytest -q tests
+
+# the real tritonserver for tests/test_triton.py: the nvidia-pytriton 0.7.0 wheel, downloaded once into
+# .cache/triton/wheels (git-ignored) and unpacked there; without it those tests skip and say why
+triton-server: install
+	$(BIN)/python -c "from runtime.triton_local import server_dist, backend_dir, stub_env; \
+	d = server_dist(); backend_dir(d); stub_env(d.parent); print('tritonserver ready:', d)" \
+	|| echo "tritonserver unavailable here: tests/test_triton.py skips its server tests (reason in the test report)"
 
 # the runtime must install and import with only its own extra (numpy, OpenCV, onnxruntime): no torch
 runtime-only-check:

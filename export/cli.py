@@ -1,4 +1,4 @@
-"""`python -m export onnx|torch|tensorrt ...`: checkpoint -> deployable artifact (+ sidecar)."""
+"""`python -m export onnx|torch|tensorrt|triton ...`: checkpoint -> deployable artifact (+ sidecar)."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--calib-images", help="quantize the ONNX first with these images (implies --int8)")
     r.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
     r.add_argument("--max-batch", type=int, default=32)
+    tr = sub.add_parser("triton", help="model.onnx -> Triton model repository (REPO/NAME/config.pbtxt, REPO/NAME/1/...)")
+    tr.add_argument("onnx", help="the .onnx artifact (its sidecar next to it travels along)")
+    tr.add_argument("--out", required=True, help="repository folder (created; other models in it are left alone)")
+    tr.add_argument("--name", help="model name on the server (default: the file's stem)")
+    tr.add_argument("--max-batch", type=int, default=8, help="max_batch_size for Triton's dynamic batcher (default 8)")
+    tr.add_argument("--instances", type=int, default=1, help="model instances (instance_group count, default 1)")
+    tr.add_argument("--backend", choices=["onnxruntime", "python"], default="onnxruntime",
+                    help="onnxruntime: platform onnxruntime_onnx (production, official container); python: the same "
+                    "ONNX run by ONNX Runtime inside Triton's python backend (servers without the ORT backend)")
+    tr.add_argument("--kind", choices=["gpu", "cpu"], help="instance kind (default gpu for onnxruntime, cpu for python)")
+    tr.add_argument("--engine", help="also serve this TensorRT engine (built from ONNX with `export tensorrt` on the "
+                    "serving GPU) as platform tensorrt_plan instead of the ONNX")
+    tr.add_argument("--queue-delay-us", type=int, default=500,
+                    help="dynamic batcher: longest wait for more requests, microseconds (default 500)")
     return p
 
 
@@ -85,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
 
             out = export_torch_program(args.checkpoint, args.out, batch=args.batch, fp16=args.fp16,
                                        fp16_teacher=args.fp16_teacher)
+        elif args.cmd == "triton":
+            from .triton_repo import write_repository
+
+            out = write_repository(args.onnx, args.out, name=args.name, backend=args.backend, max_batch=args.max_batch,
+                                   instances=args.instances, kind=f"KIND_{args.kind.upper()}" if args.kind else None,
+                                   queue_delay_us=args.queue_delay_us, engine=args.engine)
         else:
             from .tensorrt_build import build_engine
 

@@ -21,7 +21,7 @@ from .preprocess import batch_frames
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "triton")
 
 
 @dataclass
@@ -57,6 +57,8 @@ def _backend_for(path: Path, backend: str, device: str, sidecar: Sidecar) -> Bac
         from .backends.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(str(path), sidecar)
+    if backend == "triton":
+        raise ValueError("backend triton needs --server grpc://HOST:8001 and --model-name NAME")
     if backend == "torch":
         from .backends.torch_backend import TorchBackend
 
@@ -65,11 +67,18 @@ def _backend_for(path: Path, backend: str, device: str, sidecar: Sidecar) -> Bac
 
 
 class Model:
-    def __init__(self, path: str | Path, backend: str = "auto", device: str = "auto", warmup: int = 2,
-                 verify_hash: bool = True, class_name: str | None = None):
-        self.path = Path(path)
-        self.sidecar = read_sidecar(self.path, verify_hash=verify_hash)
-        self.backend = _backend_for(self.path, backend, device, self.sidecar)
+    def __init__(self, path: str | Path | None, backend: str = "auto", device: str = "auto", warmup: int = 2,
+                 verify_hash: bool = True, server: str | None = None, model_name: str | None = None,
+                 class_name: str | None = None):
+        if server:  # remote engine: the sidecar comes with the served repository, checked against `path` if given
+            from .backends.triton_backend import TritonBackend
+
+            self.backend = TritonBackend(server, model_name or "", path)
+            self.path, self.sidecar = Path(path or model_name or "served"), self.backend.sidecar
+        else:
+            self.path = Path(path)
+            self.sidecar = read_sidecar(self.path, verify_hash=verify_hash)
+            self.backend = _backend_for(self.path, backend, device, self.sidecar)
         spec = self.sidecar.input
         self.height, self.width = spec.height, spec.width
         self.fixed_batch = spec.batch if isinstance(spec.batch, int) else None

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from .artifact import ArtifactError, atomic_write_text
+from .backends.base import ServerUnavailable
 from .sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Summary:
     overhead_fraction: float = 0.0  # share of the scoring loop's busy time not spent in the model call
     idle_fraction: float = 0.0  # share of wall time spent waiting for frames (camera slower than model)
     provider: str = ""
+    server_reconnects: int = 0  # times a remote inference server (--server) was lost and found again
     stopped_by: str = "end of stream"
     error: str | None = None
     ng_saved: list[str] = field(default_factory=list)
@@ -116,7 +118,8 @@ class Stream:
 
     def __init__(self, model, source: Source, batch: int = 1, policy: str | None = None, sink: IO[str] | None = None,
                  save_ng: str | Path | None = None, show: bool = False, max_frames: int | None = None,
-                 report_every: float = 5.0):
+                 report_every: float = 5.0, reconnect_delay: float = 0.5, max_reconnects: int = 5,
+                 reconnect_max_delay: float = 30.0):
         self.model, self.source = model, source
         self.batch = max(1, batch)
         self.policy = policy or ("latest" if source.live else "block")
@@ -130,6 +133,9 @@ class Stream:
         self.show = show
         self.max_frames = max_frames
         self.report_every = report_every
+        self.reconnect_delay, self.max_reconnects = reconnect_delay, max_reconnects
+        self.reconnect_max_delay = reconnect_max_delay
+        self.reconnects = 0
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
 
@@ -153,6 +159,35 @@ class Stream:
         finally:
             self.buffer.close()
 
+    def _infer(self, prepared: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The model call. A remote server gone -> reconnect with back-off like a dropped camera; then
+        "block" scores the same frames again (none lost), "latest" counts them dropped (stale by then)."""
+        while True:
+            try:
+                return self.model.infer(prepared)
+            except ServerUnavailable as e:
+                log.warning("%s", e)
+                if self.policy == "latest":
+                    with self.buffer.cond:
+                        self.buffer.dropped += len(prepared)
+                    log.warning("%d frame(s) counted as dropped", len(prepared))
+                for attempt in range(1, self.max_reconnects + 1):
+                    if self._stop.is_set():
+                        return None
+                    log.warning("inference server lost, reconnecting in %.1fs (try %d/%d)",
+                                min(self.reconnect_max_delay, self.reconnect_delay * 2 ** attempt), attempt,
+                                self.max_reconnects)
+                    if self.model.backend.wait_ready(attempt, base=self.reconnect_delay,
+                                                     max_delay=self.reconnect_max_delay):
+                        self.reconnects += 1
+                        log.warning("inference server back after %d tries", attempt)
+                        break
+                else:
+                    raise ServerUnavailable(f"inference server lost and {self.max_reconnects} reconnects failed; "
+                                            "giving up (check the server, then restart the stream)") from e
+                if self.policy == "latest":
+                    return None
+
     def run(self) -> Summary:
         summary = Summary(provider=getattr(self.model, "provider", ""))
         lat, model_t = [], []
@@ -172,7 +207,9 @@ class Stream:
                 frames = [it[3] for it in items]
                 prepared = self.model.prepare(frames)
                 t0 = time.perf_counter()
-                out = self.model.infer(prepared)
+                out = self._infer(prepared)
+                if out is None:  # server was gone: these frames are counted as dropped
+                    continue
                 t1 = time.perf_counter()
                 pred = self.model.to_prediction(out)
                 per_frame_model = (t1 - t0) / len(items)
@@ -230,6 +267,7 @@ class Stream:
         summary.wall_seconds = round(wall, 3)
         summary.frames_captured = self.buffer.captured
         summary.frames_dropped = self.buffer.dropped
+        summary.server_reconnects = self.reconnects
         if summary.frames_scored:
             summary.fps = round(summary.frames_scored / wall, 2)
             p = np.percentile(lat, [50, 90, 99])
@@ -250,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--gstreamer", help="GStreamer pipeline ending in appsink (Jetson CSI cameras)")
     src.add_argument("--images", help="folder of images")
     src.add_argument("--demo", action="store_true", help="synthetic conveyor of parts (no camera needed)")
-    p.add_argument("--model", required=True, help="model.onnx / model.engine / model.pt2 (sidecar next to it)")
+    p.add_argument("--model", help="model.onnx / model.engine / model.pt2 (sidecar next to it); with --server optional: "
+                   "the served model's digest must then equal this artifact's")
+    p.add_argument("--server", help="score on a Triton server instead: grpc://HOST:8001 or http://HOST:8000 "
+                   "(pip install edgead[triton]; repository from `python -m export triton`)")
+    p.add_argument("--model-name", help="with --server: the model's name in the server's repository")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt (onnxruntime provider)")
     p.add_argument("--class", dest="class_name", metavar="NAME",
@@ -275,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = open_source(args.camera, args.video, args.rtsp, args.gstreamer, args.images, args.demo,
                              demo_frames=args.demo_frames or None)
-        model = Model(args.model, backend=args.backend, device=args.device, class_name=args.class_name)
+        if not (args.model or args.server) or (args.server and not args.model_name):
+            raise ArtifactError("give --model PATH, or --server URL with --model-name NAME")
+        model = Model(args.model, backend=args.backend, device=args.device, server=args.server,
+                      model_name=args.model_name, class_name=args.class_name)
     except (SourceError, ArtifactError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

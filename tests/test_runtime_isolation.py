@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_runtime_imports_without_torch():
     code = ("import sys, runtime, runtime.model, runtime.stream, runtime.bench, runtime.sources, runtime.synthetic, "
             "runtime.dataset, runtime.backends.onnxruntime_backend, runtime.backends.tensorrt_backend, "
-            "runtime.backends.torch_backend; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'sklearn', 'train', 'export', 'calibration')]; "
+            "runtime.backends.torch_backend, runtime.backends.triton_backend, runtime.triton_local; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'sklearn', 'train', 'export', 'calibration', 'tritonclient')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -19,7 +19,7 @@ def test_runtime_imports_without_torch():
 
 def test_runtime_has_no_module_level_heavy_imports():
     """Static check: only numpy/cv2/stdlib/runtime at module level anywhere under runtime/."""
-    heavy = {"torch", "timm", "sklearn", "train", "export", "calibration", "tensorrt", "pycuda"}
+    heavy = {"torch", "timm", "sklearn", "train", "export", "calibration", "tensorrt", "pycuda", "tritonclient"}
     for path in (ROOT / "runtime").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in tree.body:  # module level only; lazy imports inside functions are allowed

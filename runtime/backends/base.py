@@ -12,6 +12,10 @@ class BackendUnavailable(RuntimeError):
     """The engine or device for this backend is not installed/visible; the message says what to install."""
 
 
+class ServerUnavailable(BackendUnavailable):
+    """A remote inference server (Triton) does not answer now; the stream reconnects with back-off."""
+
+
 class Backend(ABC):
     name: str = "base"
 

@@ -1,0 +1,135 @@
+"""K simulated cameras through one Triton server (dynamic batching) vs K independent local ONNX Runtime processes.
+
+    nice -n 10 python -m benchmarks.serving [--model model.onnx] [--cameras 1 2 4 8] [--frames 150]
+
+Each camera is a video file (MJPG: JPEG decoded on the client side, as with an IP camera) scored by its
+own ``python -m runtime.stream`` process with ``--policy block`` (every frame scored). Local: each process
+runs the ONNX itself (ORT threads = cores / K). Triton: each process prepares frames and sends them to one
+``tritonserver`` (the nvidia-pytriton wheel, python-backend variant: ONNX Runtime inside Triton, threads =
+cores) that batches the K streams. Total frames/s = all frames / the longest stream's wall time; latency is
+the stream's own (capture -> decision, including the wait in its 4-frame buffer). Without ``--model``, a
+256 px model is trained for a few steps on synthetic parts (speed, not accuracy) and exported with a
+dynamic batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from benchmarks.common import write_result
+
+log = logging.getLogger("benchmarks.serving")
+
+
+def make_model(work: Path, image_size: int) -> Path:
+    """A real-architecture model at ``image_size`` (a few training steps: speed only), dynamic batch."""
+    from export.onnx_export import export_onnx
+    from runtime.synthetic import write_dataset
+    from train.loop import TrainConfig, train
+
+    root = write_dataset(work / "parts", size=image_size, n_train=40, n_test_good=4, n_per_defect=2, seed=0)
+    ckpt = train(TrainConfig(data=str(root), out=str(work / "run"), image_size=image_size, steps=4, seed=0,
+                             save_every=0))
+    return export_onnx(ckpt, work / "model.onnx", batch="dynamic")
+
+
+def make_videos(work: Path, k: int, n: int, size: int) -> list[Path]:
+    """k MJPG videos of n distinct frames (synthetic conveyor parts at size x size)."""
+    from runtime.synthetic import conveyor_frames
+
+    paths = []
+    for c in range(k):
+        p = work / f"camera_{c}.avi"
+        if not p.is_file():
+            vw = cv2.VideoWriter(str(p), cv2.VideoWriter_fourcc(*"MJPG"), 30, (size, size))
+            for frame, _ in conveyor_frames(n, size, seed=100 + c, frame_size=(size, size)):
+                vw.write(np.ascontiguousarray(cv2.resize(frame, (size, size))))
+            vw.release()
+        paths.append(p)
+    return paths
+
+
+def run_clients(cmds: list[list[str]], env: dict, work: Path, tag: str) -> dict:
+    summaries = [work / f"{tag}_{i}.json" for i in range(len(cmds))]
+    procs = [subprocess.Popen(cmd + ["--summary", str(s)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=open(work / f"{tag}_{i}.log", "w")) for i, (cmd, s) in enumerate(zip(cmds, summaries))]
+    rcs = [p.wait() for p in procs]
+    if any(rcs):
+        raise RuntimeError(f"{tag}: client exit codes {rcs}; see {work}/{tag}_*.log")
+    rows = [json.loads(s.read_text()) for s in summaries]
+    frames = sum(r["frames_scored"] for r in rows)
+    wall = max(r["wall_seconds"] for r in rows)
+    return {"total_fps": round(frames / wall, 2), "frames_scored": frames,
+            "frames_dropped": sum(r["frames_dropped"] for r in rows), "wall_s": wall,
+            "latency_ms_p50": round(float(np.median([r["latency_ms_p50"] for r in rows])), 2),
+            "latency_ms_p99": round(float(max(r["latency_ms_p99"] for r in rows)), 2),
+            "per_client_fps": [r["fps"] for r in rows], "errors": [r["error"] for r in rows if r["error"]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a dynamic-batch .onnx artifact (default: make a 256 px one)")
+    p.add_argument("--image-size", type=int, default=256, help="size of the model made without --model")
+    p.add_argument("--cameras", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--frames", type=int, default=150, help="frames per camera")
+    p.add_argument("--frame-size", type=int, default=480, help="camera frame size (square), JPEG in the video")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--queue-delay-us", type=int, default=2000)
+    p.add_argument("--work", help="working folder (default: a temporary one)")
+    p.add_argument("--out", default="serving.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from export.triton_repo import write_repository
+    from runtime.triton_local import LocalTriton
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="edgead_serving_"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else (work / "model.onnx" if (work / "model.onnx").is_file()
+                                                 else make_model(work, args.image_size))
+    videos = make_videos(work, max(args.cameras), args.frames, args.frame_size)
+    cores = os.cpu_count() or 1
+    repo = work / "repo"
+    write_repository(model, repo, name="served", backend="python", max_batch=args.max_batch,
+                     queue_delay_us=args.queue_delay_us)
+    stream = [sys.executable, "-m", "runtime.stream", "--policy", "block", "--headless", "-q"]
+    results = []
+    load_before = os.getloadavg()
+    with LocalTriton(repo, work / "server.log", models=["served"]) as server:
+        for k in args.cameras:
+            row = {"cameras": k}
+            env = {**os.environ, "EDGEAD_THREADS": str(max(1, cores // k))}
+            row["local"] = run_clients([stream + ["--video", str(v), "--model", str(model)] for v in videos[:k]],
+                                       env, work, f"local_k{k}")
+            row["triton"] = run_clients([stream + ["--video", str(v), "--server", server.grpc_url, "--model-name",
+                                                   "served"] for v in videos[:k]], dict(os.environ), work, f"triton_k{k}")
+            row["triton_over_local"] = round(row["triton"]["total_fps"] / row["local"]["total_fps"], 3)
+            log.info("K=%d local %.1f fps, triton %.1f fps (x%.2f)", k, row["local"]["total_fps"],
+                     row["triton"]["total_fps"], row["triton_over_local"])
+            results.append(row)
+    cfg = (repo / "served" / "config.pbtxt").read_text().split("parameters")[0]
+    out = write_result(args.out, {
+        "model": str(model), "model_input": f"{args.image_size if not args.model else 'see sidecar'}",
+        "frames_per_camera": args.frames, "frame_size": args.frame_size, "server": "tritonserver 2.51.0 "
+        "(nvidia-pytriton 0.7.0 wheel), python backend running ONNX Runtime CPU on the same machine, loopback gRPC",
+        "local_threads_per_process": "cores // K (EDGEAD_THREADS)",
+        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+                                   "after": [round(x, 2) for x in os.getloadavg()]}, "triton_config": cfg, "results": results,
+        "targets": {"K=4 triton/local >= 0.9": next((r["triton_over_local"] >= 0.9 for r in results
+                                                      if r["cameras"] == 4), None),
+                    "K=1 triton/local >= 0.8": next((r["triton_over_local"] >= 0.8 for r in results
+                                                      if r["cameras"] == 1), None)}})
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

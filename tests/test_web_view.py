@@ -83,6 +83,8 @@ def test_page_in_real_browser_during_demo_stream(onnx_model, tmp_path):
                     assert entry["decision"] == "NG"
                 assert fig.locator("img").evaluate("i => i.complete && i.naturalWidth > 0")
                 assert st["ng"] >= 1 and 0 < st["ng_rate"] <= 1 and st["fps"] and st["fps"] > 0
+                page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete)",
+                                       timeout=10000)
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "web_view.png"), full_page=True)
             finally:

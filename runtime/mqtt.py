@@ -69,6 +69,8 @@ class MqttPublisher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_connect_fail = self._on_connect_fail
+        self._last_fail_log = 0.0
         try:
             self.client.connect_async(host, port, keepalive=10)
         except (OSError, ValueError) as e:
@@ -103,6 +105,13 @@ class MqttPublisher:
             log.warning("MQTT: lost the broker %s:%d (%s); reconnecting with back-off, decisions are queued "
                         "(at most %d, then the oldest are dropped)", self.host, self.port, reason_code,
                         self._queue_size)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        now = time.monotonic()
+        if now - self._last_fail_log >= 60:  # say it once a minute, not on every retry
+            self._last_fail_log = now
+            log.warning("MQTT: cannot reach the broker %s:%d; retrying with back-off (check --mqtt, that the broker "
+                        "runs and the network/firewall); scoring goes on", self.host, self.port)
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         with self._lock:

@@ -179,3 +179,23 @@ def test_bad_mqtt_flags_exit_2(onnx_model, capsys):
     assert "--mqtt" in capsys.readouterr().err
     assert main(["--demo", "--model", str(onnx_model), "--headless", "--mqtt", "127.0.0.1:1883", "--topic", "a/#"]) == 2
     assert "--topic" in capsys.readouterr().err
+
+
+def test_broker_down_at_start_then_up(tmp_path):
+    """The stream may start before the broker: decisions wait in the queue and go out once it is up."""
+    b = Broker(tmp_path)
+    if b.exe is None:
+        pytest.skip("Debian mosquitto not installed: apt-get install -y mosquitto (make test does it as root)")
+    pub = MqttPublisher("127.0.0.1", b.port, "edgead", qos=1, queue_size=100, reconnect_max_s=1)
+    try:
+        for i in range(5):
+            pub.on_frame({"frame_id": i, "decision": "OK", "score": 0.1})
+        time.sleep(1.5)
+        assert pub.counters["published"] == 0 and pub.counters["connects"] == 0
+        b.start()
+        assert _wait(lambda: pub.counters["delivered"] >= 6, 15), pub.summary()  # 5 decisions + online status
+        assert pub.counters["published"] == 5
+    finally:
+        out = pub.close()
+        b.stop()
+    assert out["dropped"] == 0 and out["connects"] == 1

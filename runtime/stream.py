@@ -148,7 +148,8 @@ class Stream:
                                      outage_s=round(now - self._outage_since, 3))
                 self._outage_since = None
             self._last_frame_t = now
-        elif self._outage_since is None and now - self._last_frame_t >= self.outage_after and self.observers:
+        elif (self._outage_since is None and self.source.live and self.observers
+              and now - self._last_frame_t >= self.outage_after):
             self._outage_since = self._last_frame_t
             log.warning("%s: no frame for %.1f s", self.source.name, now - self._last_frame_t)
             self.observers.event("source_outage", source=self.source.name, silent_s=round(now - self._last_frame_t, 3))

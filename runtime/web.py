@@ -86,6 +86,7 @@ class WebView:
         self._gallery: collections.OrderedDict[int, tuple[dict, bytes]] = collections.OrderedDict()
         self._gallery_size = gallery
         self._jpeg: tuple[int, bytes] | None = None  # (seq, jpeg of the latest frame)
+        self._jpeg_record: dict | None = None  # the record of the frame in self._jpeg
         self._watch_until = 0.0
         self.stats = {"frames_seen": 0, "frames_encoded": 0, "ng_thumbnails": 0, "ng_not_kept": 0, "requests": 0}
         self._encoder = threading.Thread(target=self._encode_loop, name="web-encode", daemon=True)
@@ -167,11 +168,18 @@ class WebView:
             jpg = self._encode(rec, frame, amap, LIVE_MAX_WIDTH, quality=80)
             with self._lock:
                 self._jpeg = (seq, jpg)
+                self._jpeg_record = rec
                 self.stats["frames_encoded"] += 1
 
     def _encode(self, rec: dict, frame: np.ndarray, amap: np.ndarray | None, max_width: int, quality: int) -> bytes:
         img = draw_overlay(frame, amap, float(rec.get("score", 0.0)), rec.get("decision") == "NG", self.pixel_thr,
                            max_width)
+        if img is frame:
+            img = img.copy()  # never draw on the stream's frame
+        h, w = img.shape[:2]
+        scale = max(0.4, w / 1000)  # the part id, to match the picture with the page's verdict and gallery
+        cv2.putText(img, f"part {rec.get('frame_id', '?')}", (10, h - int(12 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
+                    scale, (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
         return buf.tobytes() if ok else b""
 
@@ -181,9 +189,13 @@ class WebView:
             times = list(self._times)
             gallery = [{**r, "frame_id": fid, "url": f"gallery/{fid}.jpg"}  # the frame's record: score(s), time
                        for fid, (r, _) in reversed(self._gallery.items())]
+            # while the live image is watched, "current" is the part in that image, so the verdict and
+            # the picture agree; otherwise the latest scored part
+            watched = self._jpeg_record is not None and time.monotonic() < self._watch_until
             out = {"model": self.info, "parts": self.parts, "ng": self.ng,
                    "ng_rate": round(self.ng / self.parts, 4) if self.parts else 0.0,
-                   "since": round(self.since, 3), "current": self.current, "gallery": gallery,
+                   "since": round(self.since, 3), "current": self._jpeg_record if watched else self.current,
+                   "latest": self.current, "gallery": gallery,
                    "events": list(self.events)[-5:], "controls": self.token is not None,
                    "frame_seq": self._jpeg[0] if self._jpeg else 0}
         fps = lat = None

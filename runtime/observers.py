@@ -125,21 +125,21 @@ def add_observer_args(p: argparse.ArgumentParser) -> None:
     web.add_argument("--serve", metavar="[HOST:]PORT",
                      help="serve a live page of the line at http://HOST:PORT/ (host defaults to 127.0.0.1: only this "
                           "machine; give 0.0.0.0:PORT to let other screens on the network watch)")
-    web.add_argument("--serve-fps", type=float, default=10.0, help="most frames per second sent to each browser")
-    web.add_argument("--serve-gallery", type=int, default=12, help="how many recent NG frames the page keeps")
-    web.add_argument("--serve-token", help="token that unlocks the page's controls (reset counters); without it "
+    web.add_argument("--serve-fps", type=float, default=10.0, metavar="FPS", help="most frames per second sent to each browser (default 10)")
+    web.add_argument("--serve-gallery", type=int, default=12, metavar="N", help="how many recent NG frames the page keeps (default 12)")
+    web.add_argument("--serve-token", metavar="TOKEN", help="token that unlocks the page's controls (reset counters); without it "
                                            "the page is read-only")
     mq = p.add_argument_group("MQTT to the line (needs: pip install 'edgead[mqtt]')")
     mq.add_argument("--mqtt", metavar="HOST:PORT", help="publish every decision and stream event to this broker")
-    mq.add_argument("--topic", default="edgead", help="topic prefix: PREFIX/decision, PREFIX/event, PREFIX/status, "
+    mq.add_argument("--topic", default="edgead", metavar="PREFIX", help="topic prefix: PREFIX/decision, PREFIX/event, PREFIX/status, "
                                                      "PREFIX/summary (default: edgead)")
     mq.add_argument("--mqtt-qos", type=int, choices=[0, 1, 2], default=1, help="QoS of decisions and events (default 1)")
     mq.add_argument("--mqtt-no-retain-status", action="store_true",
                     help="do not retain PREFIX/status (online/offline) on the broker")
-    mq.add_argument("--mqtt-queue", type=int, default=1000,
+    mq.add_argument("--mqtt-queue", type=int, default=1000, metavar="N",
                     help="messages held while the broker is away; older ones are dropped and counted (default 1000)")
-    mq.add_argument("--mqtt-client-id", default="", help="MQTT client id (default: edgead-<pid>)")
-    mq.add_argument("--mqtt-user", help="broker user name (password from the environment variable MQTT_PASSWORD)")
+    mq.add_argument("--mqtt-client-id", default="", metavar="ID", help="MQTT client id (default: edgead-<pid>)")
+    mq.add_argument("--mqtt-user", metavar="NAME", help="broker user name (password from the environment variable MQTT_PASSWORD)")
 
 
 def model_info(model: Any, source: Any = None) -> dict[str, Any]:

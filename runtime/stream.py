@@ -306,9 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         source = open_source(args.camera, args.video, args.rtsp, args.gstreamer, args.images, args.demo,
                              demo_frames=args.demo_frames or None)
         model = Model(args.model, backend=args.backend, device=args.device)
-        observers = build_observers(args, model, source)
     except (SourceError, ArtifactError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:  # --serve / --mqtt (runtime.observers); bad flag or missing extra -> exit 2
+        observers = build_observers(args, model, source)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        source.close()
         return 2
     sink_file = None
     if args.jsonl and args.jsonl != "-":

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO := demo_out
 
-.PHONY: demo test install runtime-only-check triton-server clean
+.PHONY: demo test install runtime-only-check triton-server test-system-deps clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,22 +28,31 @@ demo: install
 	$(BIN)/python -m runtime.stream --demo --demo-frames 120 --model $(DEMO)/model.onnx --headless --jsonl $(DEMO)/frames.jsonl --save-ng $(DEMO)/ng --summary $(DEMO)/summary.json
 	@echo "demo done: per-frame decisions in $(DEMO)/frames.jsonl, NG overlays in $(DEMO)/ng/, summary in $(DEMO)/summary.json"
 
-test: install runtime-only-check triton-server
-	$(BIN)/python -m pytest -q tests
-
 # the real tritonserver for tests/test_triton.py: the nvidia-pytriton 0.7.0 wheel, downloaded once into
 # .cache/triton/wheels (git-ignored) and unpacked there; without it those tests skip and say why
 triton-server: install
 	$(BIN)/python -c "from runtime.triton_local import server_dist, backend_dir, stub_env; \
 	d = server_dist(); backend_dir(d); stub_env(d.parent); print('tritonserver ready:', d)" \
 	|| echo "tritonserver unavailable here: tests/test_triton.py skips its server tests (reason in the test report)"
+test: install runtime-only-check triton-server test-system-deps
+	$(BIN)/python -m pytest -q tests
+
+# system programs the operator tests drive for real: a Mosquitto broker and a headless chromium (the web view).
+# Installed with apt as root; otherwise those tests skip and say what to install.
+test-system-deps:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
+	  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get -o DPkg::Lock::Timeout=300 update -q && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q mosquitto chromium chromium-driver \
+	  || echo "warning: apt-get could not install mosquitto/chromium: the MQTT and browser tests will skip"; \
+	else echo "note: not root or no apt-get: install mosquitto, chromium and chromium-driver yourself, or the MQTT and browser tests skip"; fi
 
 # the runtime must install and import with only its own extra (numpy, OpenCV, onnxruntime): no torch
 runtime-only-check:
 	$(PY) -m venv .venv-runtime
 	.venv-runtime/bin/pip install -q -e '.[runtime]'
 	.venv-runtime/bin/python -c "import sys, runtime.model, runtime.stream, runtime.bench, runtime.synthetic; \
-	bad=[m for m in sys.modules if m.split('.')[0] in ('torch','timm','sklearn')]; \
+	bad=[m for m in sys.modules if m.split('.')[0] in ('torch','timm','sklearn','starlette','uvicorn','paho')]; \
 	assert not bad, bad; print('runtime-only environment OK: no torch')"
 	.venv-runtime/bin/python -m runtime.stream --help > /dev/null
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from .artifact import ArtifactError, atomic_write_text
 from .backends.base import ServerUnavailable
+from .observers import ObserverSet, add_observer_args, build_observers
 from .sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Summary:
     stopped_by: str = "end of stream"
     error: str | None = None
     ng_saved: list[str] = field(default_factory=list)
+    observers: dict = field(default_factory=dict)  # counters of the web view / MQTT publisher, by name
 
 
 def overlay(frame: np.ndarray, anomaly_map: np.ndarray, score: float, is_ng: bool, pixel_thr: float = 0.1) -> np.ndarray:
@@ -119,7 +121,7 @@ class Stream:
     def __init__(self, model, source: Source, batch: int = 1, policy: str | None = None, sink: IO[str] | None = None,
                  save_ng: str | Path | None = None, show: bool = False, max_frames: int | None = None,
                  report_every: float = 5.0, reconnect_delay: float = 0.5, max_reconnects: int = 5,
-                 reconnect_max_delay: float = 30.0):
+                 reconnect_max_delay: float = 30.0, observers: list | None = None, outage_after: float = 2.0):
         self.model, self.source = model, source
         self.batch = max(1, batch)
         self.policy = policy or ("latest" if source.live else "block")
@@ -138,6 +140,25 @@ class Stream:
         self.reconnects = 0
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
+        self.observers = ObserverSet(observers)  # runtime.observers: web view, MQTT; never slow the loop
+        self.outage_after = outage_after  # a live source silent this long is reported as an outage
+        self._last_frame_t = time.perf_counter()
+        self._outage_since: float | None = None
+
+    def _watch_source(self, got_frames: bool) -> None:
+        """Report a live source that went silent (source_outage) and came back (source_recovered)."""
+        now = time.perf_counter()
+        if got_frames:
+            if self._outage_since is not None:
+                self.observers.event("source_recovered", source=self.source.name,
+                                     outage_s=round(now - self._outage_since, 3))
+                self._outage_since = None
+            self._last_frame_t = now
+        elif (self._outage_since is None and self.source.live and self.observers
+              and now - self._last_frame_t >= self.outage_after):
+            self._outage_since = self._last_frame_t
+            log.warning("%s: no frame for %.1f s", self.source.name, now - self._last_frame_t)
+            self.observers.event("source_outage", source=self.source.name, silent_s=round(now - self._last_frame_t, 3))
 
     def stop(self) -> None:
         self._stop.set()
@@ -194,13 +215,16 @@ class Stream:
         busy = 0.0
         thread = threading.Thread(target=self._capture, name="capture", daemon=True)
         t_start = time.perf_counter()
+        self.observers.event("stream_started", source=self.source.name, provider=summary.provider)
         thread.start()
         last_report = t_start
+        self._last_frame_t = t_start
         try:
             while not self._stop.is_set():
                 items = self.buffer.take(self.batch)
                 if items is None:
                     break
+                self._watch_source(bool(items))
                 if not items:
                     continue
                 t_busy = time.perf_counter()
@@ -232,6 +256,8 @@ class Stream:
                         summary.ng_saved.append(str(path))
                     if self.sink is not None:
                         self.sink.write(json.dumps(rec) + "\n")
+                    if self.observers:
+                        self.observers.frame(rec, frame, pred.anomaly_map[i])
                     if self.show:
                         cv2.imshow("edgead", view)
                         if cv2.waitKey(1) & 0xFF in (27, ord("q")):
@@ -275,6 +301,10 @@ class Stream:
             summary.model_ms_mean = round(float(np.mean(model_t)), 3)
             summary.overhead_fraction = round(max(0.0, 1 - sum(model_t) / 1e3 / busy), 4)
             summary.idle_fraction = round(max(0.0, 1 - busy / wall), 4)
+        if self.observers:
+            self.observers.event("stream_stopped", source=self.source.name, stopped_by=summary.stopped_by,
+                                 error=summary.error, frames_scored=summary.frames_scored, ng_count=summary.ng_count)
+            summary.observers = self.observers.close()
         return summary
 
 
@@ -306,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-ng", help="folder to save NG frames with their heat-map overlay")
     p.add_argument("--summary", help="write the end-of-run summary JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-frame JSON on stdout")
+    add_observer_args(p)
     return p
 
 
@@ -324,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, ArtifactError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:  # --serve / --mqtt (runtime.observers); bad flag or missing extra -> exit 2
+        observers = build_observers(args, model, source)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        source.close()
+        return 2
     sink_file = None
     if args.jsonl and args.jsonl != "-":
         sink_file = open(args.jsonl, "w", encoding="utf-8")
@@ -338,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("no DISPLAY: running headless")
             show = False
     stream = Stream(model, source, batch=args.batch, policy=args.policy, sink=sink, save_ng=args.save_ng,
-                    show=show, max_frames=args.max_frames)
+                    show=show, max_frames=args.max_frames, observers=observers)
     signal.signal(signal.SIGTERM, lambda *_: stream.stop())
     summary = stream.run()
     if sink_file:

@@ -189,14 +189,49 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _current_umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): the classic read-and-restore
+    os.umask(mask)
+    return mask
+
+
+def _take_over_mode(fd: int, path: Path) -> None:
+    """Give the temporary file the target's permission bits (and owner, when allowed), or for a new
+    file 0666 minus the umask, as ``open()`` would."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        os.fchmod(fd, 0o666 & ~_current_umask())
+        return
+    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        try:  # root recalibrating a service account's model: the service keeps owning it
+            os.fchown(fd, st.st_uid, st.st_gid)
+        except PermissionError:
+            pass
+    os.fchmod(fd, st.st_mode & 0o7777)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: never half-written."""
+    """Write to a temporary file in the same folder, fsync, then rename: never half-written.
+
+    The result keeps the replaced file's permission bits (a service account that could read the
+    old model can read the new one), or, for a new file, gets them from the umask like ``open()``.
+    """
     path = Path(path)
     if not path.parent.exists():
         raise ArtifactError(f"{path}: folder {path.parent} does not exist; create it or choose another --out")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            _take_over_mode(f.fileno(), path)  # mkstemp made it 0600
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

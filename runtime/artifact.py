@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -167,12 +168,112 @@ class Sidecar:
             d = dict(d)
             sub = {"input": InputSpec, "normalization": Normalization, "gaussian": GaussianInfo,
                    "score": ScoreSpec, "thresholds": Thresholds}
+            _refuse_unknown_keys(d, cls, "")
             for key, typ in sub.items():
                 if key in d:
+                    if not isinstance(d[key], dict):
+                        raise TypeError(f"{key!r} must be an object, got {type(d[key]).__name__}")
+                    _refuse_unknown_keys(d[key], typ, f"{key}.")
                     d[key] = typ(**d[key])
-            return cls(**d)
+            sc = cls(**d)
         except TypeError as e:
             raise ArtifactError(f"{source}: malformed sidecar ({e}); re-export the model") from e
+        validate_sidecar(sc, source)
+        return sc
+
+
+MAX_SIDECAR_BYTES = 16 * 2**20  # real ones are a few kB
+MAX_INPUT_SIDE = 8192  # pixels; a graph input larger than this is a corrupt sidecar, not a model
+INPUT_LAYOUTS = ("NHWC",)
+INPUT_DTYPES = ("uint8",)
+COLOR_ORDERS = ("BGR", "RGB")
+RESIZE_NAMES = ("area", "linear", "nearest")  # runtime.preprocess.INTERPOLATIONS (this module imports no cv2)
+FIT_NAMES = ("stretch", "letterbox", "center_crop")  # runtime.preprocess.FIT_POLICIES
+OPTIONAL_NUMBERS = ("target_fpr", "expected_fpr", "puad_gate")
+INFORMATIVE_NUMBERS = ("condition_number",)
+
+
+def _short(v: Any, n: int = 60) -> str:
+    """repr of a value for an error line: escaped, at most n characters."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def _refuse_unknown_keys(d: dict, typ: type, prefix: str) -> None:
+    unknown = set(d) - {f.name for f in dataclasses.fields(typ)}
+    if unknown:
+        names = ", ".join(_short(prefix + k, 40) for k in sorted(unknown)[:3])
+        raise TypeError(f"unknown key{'s' if len(unknown) > 1 else ''} {names}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+def validate_sidecar(sc: "Sidecar", source: str = "sidecar") -> None:
+    """Refuse values that would crash or silently mislead the runtime: wrong types, NaN/inf
+    constants, zero/negative/huge sizes, unknown names. One ArtifactError naming the field."""
+    problems: list[str] = []
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    for name in ("model_file", "model_sha256", "model_kind", "model_name", "backend_format", "precision",
+                 "edgead_version"):
+        v = getattr(sc, name)
+        need(isinstance(v, str), f"{name} must be a string, got {_short(v)}")
+    need(isinstance(sc.outputs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in sc.outputs.items()),
+         "outputs must map output names to descriptions (strings)")
+    need(isinstance(sc.provenance, dict), "provenance must be an object")
+    need(isinstance(sc.calibration_initializers, list) and all(isinstance(x, str) for x in sc.calibration_initializers),
+         "calibration_initializers must be a list of names")
+    i = sc.input
+    for name in ("height", "width"):
+        v = getattr(i, name)
+        need(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_INPUT_SIDE,
+             f"input.{name} must be a whole number of pixels in 1..{MAX_INPUT_SIDE}, got {_short(v)}")
+    need(i.layout in INPUT_LAYOUTS, f"input.layout {_short(i.layout)}: this runtime feeds {', '.join(INPUT_LAYOUTS)}")
+    need(i.dtype in INPUT_DTYPES, f"input.dtype {_short(i.dtype)}: this runtime feeds {', '.join(INPUT_DTYPES)}")
+    need(i.color_order in COLOR_ORDERS, f"input.color_order {_short(i.color_order)}: choose {' or '.join(COLOR_ORDERS)}")
+    need(i.batch == "dynamic" or (isinstance(i.batch, int) and not isinstance(i.batch, bool) and 1 <= i.batch <= 4096),
+         f"input.batch must be a positive whole number or \"dynamic\", got {_short(i.batch)}")
+    need(i.resize in RESIZE_NAMES, f"input.resize {_short(i.resize)}: choose one of {', '.join(RESIZE_NAMES)}")
+    need(i.fit in FIT_NAMES, f"input.fit {_short(i.fit)}: choose one of {', '.join(FIT_NAMES)}")
+    need(isinstance(i.in_graph, list) and all(isinstance(x, str) for x in i.in_graph), "input.in_graph must be a list of names")
+    for name in ("mean", "std"):
+        v = getattr(i, name)
+        need(isinstance(v, list) and len(v) == 3 and all(_is_finite(x) for x in v),
+             f"input.{name} must be 3 finite numbers, got {_short(v)}")
+    need(not isinstance(i.std, list) or not all(_is_number(x) for x in i.std) or all(x > 0 for x in i.std),
+         f"input.std must be positive, got {_short(i.std)}")
+    for group in ("normalization", "gaussian", "score", "thresholds"):
+        obj = getattr(sc, group)
+        for f in dataclasses.fields(obj):  # checked by the field's default; fields added later follow along
+            v = getattr(obj, f.name)
+            if isinstance(f.default, str):
+                need(isinstance(v, str), f"{group}.{f.name} must be a string, got {_short(v)}")
+            elif f.name in OPTIONAL_NUMBERS:
+                need(v is None or _is_finite(v), f"{group}.{f.name} must be a finite number or null, got {_short(v)}")
+            elif f.name in INFORMATIVE_NUMBERS:  # may legitimately be inf (a singular covariance)
+                need(_is_number(v) and not math.isnan(v), f"{group}.{f.name} must be a number, got {_short(v)}")
+            elif _is_number(f.default):
+                need(_is_finite(v), f"{group}.{f.name} must be a finite number, got {_short(v)}")
+    for name in ("picturable_std", "unpicturable_std"):
+        v = getattr(sc.score, name)
+        need(not _is_number(v) or v > 0, f"score.{name} must be positive, got {_short(v)}")
+    for name in ("n_images", "dim"):
+        for group in ("normalization", "gaussian"):
+            v = getattr(getattr(sc, group), name, 0)
+            need(not _is_number(v) or v >= 0, f"{group}.{name} must not be negative, got {_short(v)}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ArtifactError(f"{source}: invalid sidecar: {problems[0]}{more}; re-export the model or restore the "
+                            "sidecar from its .bak")
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
@@ -267,10 +368,15 @@ def read_sidecar(model_path: str | os.PathLike, verify_hash: bool = True) -> Sid
     sc_path = sidecar_path(model_path)
     if not sc_path.is_file():
         raise ArtifactError(f"{sc_path}: sidecar missing; it is written by `python -m export` next to the model, copy it along")
+    if sc_path.stat().st_size > MAX_SIDECAR_BYTES:
+        raise ArtifactError(f"{sc_path}: {sc_path.stat().st_size} bytes, a sidecar is a few kB; restore it from the "
+                            "export folder or its .bak")
     try:
         raw = json.loads(sc_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{sc_path}: not valid JSON ({e}); restore it from the export folder") from e
+    except RecursionError as e:  # nested thousands deep: not something export writes
+        raise ArtifactError(f"{sc_path}: not a sidecar (JSON nested too deeply); restore it from the export folder") from e
     sc = Sidecar.from_dict(raw, source=str(sc_path))
     if sc.model_file != model_path.name:
         log.warning("sidecar %s names model %s, opened %s", sc_path, sc.model_file, model_path.name)

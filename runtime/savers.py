@@ -116,7 +116,11 @@ class NgSaver:
 
     def __init__(self, folder: str | os.PathLike, keep: int = 100, quality: int = 90):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ArtifactError(f"--save-ng {self.folder}: cannot create the folder ({e.strerror}); check the path, "
+                                "free space and permissions") from e
         self.quality = quality
         self.saved: LastK[str] = LastK(keep)
         self.errors = FailureLog(f"NG image in {self.folder}", "ng_unsaved")

@@ -334,8 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         if not os.environ.get("DISPLAY") and sys.platform.startswith("linux"):
             log.info("no DISPLAY: running headless")
             show = False
-    stream = Stream(model, source, batch=args.batch, policy=args.policy, sink=sink, save_ng=args.save_ng,
-                    show=show, max_frames=args.max_frames)
+    try:
+        stream = Stream(model, source, batch=args.batch, policy=args.policy, sink=sink, save_ng=args.save_ng,
+                        show=show, max_frames=args.max_frames)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: stream.stop())
     summary = stream.run()
     if sink_file:

@@ -231,8 +231,8 @@ def open_source(camera: int | None = None, video: str | None = None, rtsp: str |
     if sum(chosen) != 1:
         raise SourceError("choose exactly one source: --camera N, --video FILE, --rtsp URL, --gstreamer PIPELINE, "
                           "--images DIR or --demo")
-    if camera is not None:
-        return CaptureSource(int(camera), "camera")
+    if camera is not None:  # a USB camera unplugged and plugged back is an outage too
+        return ReconnectingSource(lambda: CaptureSource(int(camera), "camera"), f"camera:{camera}")
     if video is not None:
         if not Path(video).is_file():
             raise SourceError(f"video file {video} not found")

@@ -144,21 +144,18 @@ def small_fs(tmp_path):
 
 
 def _fill(folder: Path) -> Path:
-    """Fill the filesystem of ``folder`` to the last byte."""
+    """Fill the filesystem of ``folder`` to the last byte (unbuffered: nothing left to flush on close)."""
     filler = folder / "filler.bin"
-    with open(filler, "wb") as f:
-        try:
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for chunk in (1 << 16, 1 << 12, 1):
             while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-        try:
-            while True:
-                f.write(b"\0")
-                f.flush()
-        except OSError:
-            pass
+                try:
+                    os.write(fd, b"\0" * chunk)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
     return filler
 
 
@@ -185,7 +182,7 @@ def test_disk_full_scoring_goes_on_and_recovers(onnx_model, small_fs, caplog):
     runner.join(10)
     sink.close()
     s = result["summary"]
-    assert s.error is None and s.frames_scored == s.ng_count > 30
+    assert s.error is None and s.frames_scored == s.ng_count >= 25  # 15 failed + 10 saved at least
     assert s.ng_unsaved >= 15 and s.jsonl_unsaved >= 15
     assert s.ng_saved_count + s.ng_unsaved == s.ng_count  # every NG frame either saved or counted
     assert len(list(ng_dir.glob("*.jpg"))) == s.ng_saved_count
@@ -205,8 +202,8 @@ def test_cli_summary_and_jsonl_on_full_disk(onnx_model, small_fs, tmp_path):
     _fill(small_fs)
     out = small_fs / "frames.jsonl"
     summary_path = tmp_path / "summary.json"
-    rc = main(["--demo", "--demo-frames", "20", "--model", str(onnx_model), "--headless", "--jsonl", str(out),
-               "--save-ng", str(small_fs / "ng"), "--summary", str(summary_path)])
+    rc = main(["--demo", "--demo-frames", "20", "--policy", "block", "--model", str(onnx_model), "--headless",
+               "--jsonl", str(out), "--save-ng", str(small_fs / "ng"), "--summary", str(summary_path)])
     assert rc == 0
     s = json.loads(summary_path.read_text())
     assert s["frames_scored"] == 20 and s["jsonl_unsaved"] == 20 - len(out.read_text().splitlines())

@@ -64,6 +64,8 @@ def test_fit_stores_reference_keeps_modes_and_report_flags_changed_light(model_c
     ref = read_sidecar(model_copy).provenance["calibration"]["good_scores"]
     assert ref["n"] == res.n_images and ref["mean"] == pytest.approx(float(np.mean(res.good_scores)))
 
+    same = report(str(model_copy), str(synthetic_root / "test" / "good"))["drift"]  # held-out parts, same light
+    assert not same["flagged"] and abs(same["mean_shift_sigma"]) < 1, same
     dark = _changed_light(synthetic_root / "test" / "good", tmp_path / "dark", 0.5)
     caplog.set_level(logging.INFO)
     rep = report(str(model_copy), str(dark), json_path=str(tmp_path / "report.json"))

@@ -248,6 +248,9 @@ def apply(model_path: str | Path, result: CalibrationResult, source: str, backup
         sc.score = result.score
         sc.thresholds = result.thresholds
         sc.provenance["calibration"] = record
+        # hardening #26: good-score statistics for `calibration report`'s drift check (calibration/drift.py)
+        from .drift import reference_stats
+        sc.provenance["calibration"]["good_scores"] = reference_stats(result.good_scores)
     # write the model first, then the sidecar stamped with the new hash; a crash between the two
     # is detected by the hash check and repaired from the .bak files
     if data is not None:

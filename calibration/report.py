@@ -11,6 +11,7 @@ import numpy as np
 from runtime.artifact import atomic_write_text
 from runtime.model import Model
 
+from . import drift
 from .field import batched, iter_images
 from .metrics import auroc
 
@@ -59,6 +60,9 @@ def report(model_path: str, good: str, defects: str | list[str] | None = None, m
     rep["false_alarms"] = int((g >= thr).sum())
     rep["misses_per_defect"] = per_defect
     rep["verdict"] = verdict(int(len(g)), rep["false_alarms"], per_defect)
+    calib = sc.provenance.get("calibration")
+    rep["drift"] = drift.check(calib.get("good_scores") if isinstance(calib, dict) else None, g, thr)
+    drift.warn(rep["drift"], good)
     if d is not None and len(d):
         rep.update({"n_defects": int(len(d)), "observed_recall": float((d >= thr).mean()),
                     "image_auroc": auroc(np.r_[np.zeros(len(g)), np.ones(len(d))], np.r_[g, d]) if len(g) else None})

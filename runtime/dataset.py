@@ -59,15 +59,75 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
+MAX_IMAGE_PIXELS = 100_000_000  # 10000 x 10000; a larger header is a broken or hostile file, not a camera frame
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or BMP header without decoding; None for other formats."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"BM" and len(data) >= 26:
+        return abs(int.from_bytes(data[18:22], "little", signed=True)), abs(int.from_bytes(data[22:26], "little", signed=True))
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 <= len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in _JPEG_SOF:
+                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+            if marker == 0xDA:  # start of scan before any frame header
+                return None
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Encoded image bytes -> HxWx3 BGR uint8, or DatasetError saying why not (never silent garbage).
+
+    Refused: empty or truncated files (a JPEG without its end marker decodes as grey rows),
+    headers claiming more than MAX_IMAGE_PIXELS, float images. Accepted and converted: grayscale,
+    alpha (dropped), 16-bit (top 8 bits), CMYK JPEG (libjpeg converts).
+    """
+    if not data:
+        raise DatasetError(f"{where}: empty file (0 bytes); remove or replace it")
+    size = header_size(data)
+    if size is not None:
+        w, h = size
+        if w == 0 or h == 0:
+            raise DatasetError(f"{where}: image header says {w}x{h} pixels; remove or replace the file")
+        if w * h > MAX_IMAGE_PIXELS:
+            raise DatasetError(f"{where}: image is {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} this reader "
+                               "accepts; downscale it (a camera frame never needs that many)")
+    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise DatasetError(f"{where}: truncated JPEG (no end-of-image marker; the file was cut short while being "
+                           "written or copied); remove or replace it")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise DatasetError(f"{where}: not a readable image ({str(e).strip().splitlines()[-1]}); remove or replace it") from e
+    if img is None:
+        raise DatasetError(f"{where}: not a readable image (corrupt or unsupported format); remove or replace it")
+    try:
+        return as_bgr(img)
+    except ValueError as e:
+        raise DatasetError(f"{where}: {e}") from e
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """Image file -> HxWx3 BGR uint8; a clear error for missing or unreadable files."""
+    """Image file -> HxWx3 BGR uint8; a clear DatasetError for missing, unreadable or hostile files."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image not found")
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise DatasetError(f"{path}: not a readable image (corrupt or unsupported format); remove or replace it")
-    return as_bgr(img)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror}); check permissions") from e
+    return decode_image(data, str(path))
 
 
 def _mask_paths(root: Path, defect: str, image: Path) -> list[Path]:

@@ -17,6 +17,8 @@ def as_bgr(image: np.ndarray) -> np.ndarray:
     """Any uint8 image (HxW gray, HxWx1, HxWx3 BGR, HxWx4 BGRA) -> HxWx3 BGR uint8."""
     if image is None or not isinstance(image, np.ndarray):
         raise ValueError("frame is not an image array")
+    if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"frame shape {image.shape} is empty or not an image; give HxW or HxWx{{1,3,4}} images")
     if image.dtype != np.uint8:
         if image.dtype == np.uint16:
             image = (image >> 8).astype(np.uint8)

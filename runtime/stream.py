@@ -29,7 +29,10 @@ import numpy as np
 from .artifact import ArtifactError, atomic_write_text
 from .backends.base import ServerUnavailable
 from .observers import ObserverSet, add_observer_args, build_observers
+from .preprocess import as_bgr
+from .savers import JsonlWriter, NgSaver
 from .sources import Source, SourceError, open_source
+from .stats import StreamStats
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,13 @@ class Summary:
     server_reconnects: int = 0  # times a remote inference server (--server) was lost and found again
     stopped_by: str = "end of stream"
     error: str | None = None
-    ng_saved: list[str] = field(default_factory=list)
+    ng_saved: list[str] = field(default_factory=list)  # the last 100 saved paths (bounded); ng_saved_count has them all
+    ng_saved_count: int = 0
+    ng_unsaved: int = 0  # NG images that could not be written (disk full, folder gone)
+    jsonl_unsaved: int = 0  # JSON lines that could not be written
+    frames_skipped: int = 0  # unreadable frames skipped with a warning
+    source_outages: int = 0  # times a live source was lost (and reconnected, or still lost at the end)
+    source_outage_seconds: float = 0.0
     observers: dict = field(default_factory=dict)  # counters of the web view / MQTT publisher, by name
 
 
@@ -129,9 +138,7 @@ class Stream:
             raise ValueError(f"policy {self.policy!r}: choose latest or block")
         self.buffer = _Buffer(capacity=self.batch if self.policy == "latest" else 4 * self.batch, policy=self.policy)
         self.sink = sink
-        self.save_ng = Path(save_ng) if save_ng else None
-        if self.save_ng:
-            self.save_ng.mkdir(parents=True, exist_ok=True)
+        self.save_ng = NgSaver(save_ng) if save_ng else None
         self.show = show
         self.max_frames = max_frames
         self.report_every = report_every
@@ -159,10 +166,26 @@ class Stream:
             self._outage_since = self._last_frame_t
             log.warning("%s: no frame for %.1f s", self.source.name, now - self._last_frame_t)
             self.observers.event("source_outage", source=self.source.name, silent_s=round(now - self._last_frame_t, 3))
+        self.frames_skipped = 0
+        self._events: collections.deque = collections.deque()  # source events for the JSONL, from the capture thread
+        if hasattr(source, "on_event"):
+            source.on_event = self._events.append
 
     def stop(self) -> None:
         self._stop.set()
         self.buffer.close()
+        interrupt = getattr(self.source, "interrupt", None)
+        if interrupt is not None:  # a source waiting to reconnect stops waiting
+            interrupt()
+
+    def _write_events(self) -> None:
+        while self._events:
+            event = self._events.popleft()
+            if self.sink is not None:
+                self.sink.write(json.dumps(event) + "\n")
+            if self.observers:  # the web view and MQTT see every source outage too
+                fields = {k: v for k, v in event.items() if k != "event"}
+                self.observers.event(str(event.get("event", "source_event")), **fields)
 
     def _capture(self) -> None:
         fid = 0
@@ -170,6 +193,12 @@ class Stream:
             for frame in self.source.frames():
                 if self._stop.is_set():
                     break
+                try:
+                    frame = as_bgr(frame)
+                except ValueError as e:  # one bad frame must not stop the line
+                    self.frames_skipped += 1
+                    log.warning("skipped frame %d: %s (%d skipped so far)", fid, e, self.frames_skipped)
+                    continue
                 if not self.buffer.put((fid, time.time(), time.perf_counter(), frame)):
                     break
                 fid += 1
@@ -211,7 +240,7 @@ class Stream:
 
     def run(self) -> Summary:
         summary = Summary(provider=getattr(self.model, "provider", ""))
-        lat, model_t = [], []
+        stats = StreamStats()  # fixed memory however long the stream runs
         busy = 0.0
         thread = threading.Thread(target=self._capture, name="capture", daemon=True)
         t_start = time.perf_counter()
@@ -222,6 +251,7 @@ class Stream:
         try:
             while not self._stop.is_set():
                 items = self.buffer.take(self.batch)
+                self._write_events()
                 if items is None:
                     break
                 self._watch_source(bool(items))
@@ -240,20 +270,19 @@ class Stream:
                 for i, (fid, ts, t_cap, frame) in enumerate(items):
                     score, ng = float(pred.image_score[i]), bool(pred.is_ng[i])
                     done = time.perf_counter()
-                    lat.append((done - t_cap) * 1e3)
-                    model_t.append(per_frame_model * 1e3)
+                    latency_ms = (done - t_cap) * 1e3
+                    stats.add(latency_ms, per_frame_model * 1e3)
                     summary.ng_count += ng
                     rec = {"timestamp": round(ts, 6), "frame_id": fid, "score": round(score, 6),
                            "scores": {k: round(float(v[i]), 6) for k, v in pred.scores.items()},
-                           "decision": "NG" if ng else "OK", "latency_ms": round(lat[-1], 3),
+                           "decision": "NG" if ng else "OK", "latency_ms": round(latency_ms, 3),
                            "model_ms": round(per_frame_model * 1e3, 3)}
                     view = overlay(frame, pred.anomaly_map[i], score, ng) if self.show or (
                         ng and self.save_ng is not None) else None  # drawn once, saved and/or shown
                     if ng and self.save_ng is not None:
-                        path = self.save_ng / f"ng_{fid:06d}.jpg"
-                        cv2.imwrite(str(path), view)
-                        rec["saved"] = str(path)
-                        summary.ng_saved.append(str(path))
+                        path = self.save_ng.save(f"ng_{fid:06d}.jpg", view)  # None when the disk is full
+                        if path is not None:
+                            rec["saved"] = path
                     if self.sink is not None:
                         self.sink.write(json.dumps(rec) + "\n")
                     if self.observers:
@@ -268,10 +297,9 @@ class Stream:
                 busy += now - t_busy
                 if now - last_report >= self.report_every:
                     last_report = now
-                    recent = lat[-200:]
+                    p50, p99 = stats.recent_percentiles((50, 99))
                     log.info("%.1f fps | latency p50 %.1f ms p99 %.1f ms | dropped %d | NG %d",
-                             summary.frames_scored / (now - t_start), np.percentile(recent, 50),
-                             np.percentile(recent, 99), self.buffer.dropped, summary.ng_count)
+                             summary.frames_scored / (now - t_start), p50, p99, self.buffer.dropped, summary.ng_count)
         except KeyboardInterrupt:
             summary.stopped_by = "Ctrl-C"
         except Exception as e:  # keep what was scored; report the cause in one line
@@ -282,6 +310,7 @@ class Stream:
             self.stop()
             thread.join(timeout=5)
             self.source.close()
+            self._write_events()
             if self.sink is not None:
                 self.sink.flush()
             if self.show:
@@ -294,18 +323,30 @@ class Stream:
         summary.frames_captured = self.buffer.captured
         summary.frames_dropped = self.buffer.dropped
         summary.server_reconnects = self.reconnects
+        self._fill_field_counts(summary)
         if summary.frames_scored:
             summary.fps = round(summary.frames_scored / wall, 2)
-            p = np.percentile(lat, [50, 90, 99])
+            p = stats.percentiles((50, 90, 99))  # within 1 % (log histogram), see runtime.stats
             summary.latency_ms_p50, summary.latency_ms_p90, summary.latency_ms_p99 = (round(float(v), 3) for v in p)
-            summary.model_ms_mean = round(float(np.mean(model_t)), 3)
-            summary.overhead_fraction = round(max(0.0, 1 - sum(model_t) / 1e3 / busy), 4)
+            summary.model_ms_mean = round(stats.model_ms_mean, 3)
+            summary.overhead_fraction = round(max(0.0, 1 - stats.model_ms_sum / 1e3 / busy), 4)
             summary.idle_fraction = round(max(0.0, 1 - busy / wall), 4)
         if self.observers:
             self.observers.event("stream_stopped", source=self.source.name, stopped_by=summary.stopped_by,
                                  error=summary.error, frames_scored=summary.frames_scored, ng_count=summary.ng_count)
             summary.observers = self.observers.close()
         return summary
+
+    def _fill_field_counts(self, summary: Summary) -> None:
+        """What went wrong in the field and was survived: unsaved writes, skipped frames, source outages."""
+        if self.save_ng is not None:
+            summary.ng_saved = self.save_ng.saved.tolist()
+            summary.ng_saved_count = self.save_ng.saved.count
+            summary.ng_unsaved = self.save_ng.unsaved
+        summary.jsonl_unsaved = getattr(self.sink, "unsaved", 0)
+        summary.frames_skipped = self.frames_skipped + getattr(self.source, "skipped", 0)
+        summary.source_outages = getattr(self.source, "outages", 0)
+        summary.source_outage_seconds = round(getattr(self.source, "outage_seconds", 0.0), 3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("source (choose one)")
     src.add_argument("--camera", type=int, help="camera index (0 = first camera)")
     src.add_argument("--video", help="video file")
-    src.add_argument("--rtsp", help="RTSP URL (reconnects with back-off)")
+    src.add_argument("--rtsp", help="network stream URL: rtsp://, http:// (MJPEG), udp:// (reconnects with back-off, "
+                     "never gives up)")
     src.add_argument("--gstreamer", help="GStreamer pipeline ending in appsink (Jetson CSI cameras)")
     src.add_argument("--images", help="folder of images")
     src.add_argument("--demo", action="store_true", help="synthetic conveyor of parts (no camera needed)")
@@ -363,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sink_file = None
     if args.jsonl and args.jsonl != "-":
-        sink_file = open(args.jsonl, "w", encoding="utf-8")
+        try:
+            sink_file = JsonlWriter(args.jsonl)  # survives a full disk, never leaves a partial line
+        except ArtifactError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         sink = sink_file
     else:
         sink = None if args.quiet else sys.stdout
@@ -374,8 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         if not os.environ.get("DISPLAY") and sys.platform.startswith("linux"):
             log.info("no DISPLAY: running headless")
             show = False
-    stream = Stream(model, source, batch=args.batch, policy=args.policy, sink=sink, save_ng=args.save_ng,
-                    show=show, max_frames=args.max_frames, observers=observers)
+    try:
+        stream = Stream(model, source, batch=args.batch, policy=args.policy, sink=sink, save_ng=args.save_ng,
+                        show=show, max_frames=args.max_frames, observers=observers)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: stream.stop())
     summary = stream.run()
     if sink_file:
@@ -383,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(asdict(summary), indent=2)
     log.info("summary:\n%s", text)
     if args.summary:
-        atomic_write_text(args.summary, text + "\n")
+        try:
+            atomic_write_text(args.summary, text + "\n")
+        except (OSError, ArtifactError) as e:  # the summary is in the log above
+            log.error("summary not written to %s: %s", args.summary, e)
     return 1 if summary.error else 0
 
 

@@ -60,3 +60,46 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         atomic_write_bytes(p, Boom())  # write fails mid-way
     assert p.read_bytes() == b"old"
     assert [x.name for x in tmp_path.iterdir()] == ["f.bin"]  # no temp file left behind
+
+
+@pytest.fixture()
+def umask_022():
+    import os
+
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_atomic_write_new_file_honours_umask(tmp_path, umask_022):
+    import os
+
+    p = tmp_path / "summary.json"
+    atomic_write_bytes(p, b"{}")
+    assert p.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    os.umask(0o027)
+    q = tmp_path / "report.json"
+    atomic_write_bytes(q, b"{}")
+    assert q.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600, 0o664])
+def test_atomic_write_keeps_existing_mode(tmp_path, umask_022, mode):
+    import os
+
+    p = tmp_path / "model.onnx"
+    p.write_bytes(b"old")
+    os.chmod(p, mode)
+    atomic_write_bytes(p, b"new")
+    assert p.read_bytes() == b"new" and p.stat().st_mode & 0o777 == mode
+
+
+def test_sidecar_rewrite_keeps_mode(tmp_path, umask_022):
+    import os
+
+    m = _model(tmp_path)
+    write_sidecar(m, Sidecar(model_file="", model_sha256="", input=InputSpec(8, 8)))
+    assert sidecar_path(m).stat().st_mode & 0o777 == 0o644
+    os.chmod(sidecar_path(m), 0o640)
+    write_sidecar(m, read_sidecar(m))
+    assert sidecar_path(m).stat().st_mode & 0o777 == 0o640

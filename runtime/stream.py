@@ -151,6 +151,10 @@ class Stream:
         self.outage_after = outage_after  # a live source silent this long is reported as an outage
         self._last_frame_t = time.perf_counter()
         self._outage_since: float | None = None
+        self.frames_skipped = 0
+        self._events: collections.deque = collections.deque()  # source events for the JSONL, from the capture thread
+        if hasattr(source, "on_event"):
+            source.on_event = self._events.append
 
     def _watch_source(self, got_frames: bool) -> None:
         """Report a live source that went silent (source_outage) and came back (source_recovered)."""
@@ -166,10 +170,6 @@ class Stream:
             self._outage_since = self._last_frame_t
             log.warning("%s: no frame for %.1f s", self.source.name, now - self._last_frame_t)
             self.observers.event("source_outage", source=self.source.name, silent_s=round(now - self._last_frame_t, 3))
-        self.frames_skipped = 0
-        self._events: collections.deque = collections.deque()  # source events for the JSONL, from the capture thread
-        if hasattr(source, "on_event"):
-            source.on_event = self._events.append
 
     def stop(self) -> None:
         self._stop.set()

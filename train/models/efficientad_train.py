@@ -86,7 +86,7 @@ def hard_loss(t: torch.Tensor, s: torch.Tensor, q: float) -> torch.Tensor:
     return F.mse_loss(s[where], t[where])
 
 
-def _losses(model: EfficientAD, rgb: torch.Tensor, gen: torch.Generator, cfg: TrainConfig,
+def _losses(model: EfficientAD, rgb: torch.Tensor, gen: torch.Generator, cfg,
             t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The four EfficientAD losses for one batch of RGB [0,255] training images.
 

@@ -61,10 +61,11 @@ def _check_usable(sc: Sidecar) -> None:
         assert isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_INPUT_SIDE
     assert i.batch == "dynamic" or (isinstance(i.batch, int) and i.batch >= 1)
     assert i.fit in FIT_POLICIES and i.resize in ("area", "linear", "nearest") and i.color_order in ("BGR", "RGB")
-    for v in (sc.thresholds.image, sc.thresholds.pixel, sc.score.picturable_std, sc.score.unpicturable_std,
-              sc.normalization.q_st_a, sc.normalization.q_st_b):
+    for v in (sc.thresholds.image, sc.thresholds.pixel, sc.score.map_std, sc.score.gaussian_std,
+              *sc.normalization.q_low, *sc.normalization.q_high, *sc.thresholds.per_class.values()):
         assert isinstance(v, (int, float)) and math.isfinite(v)
-    assert sc.score.picturable_std > 0 and sc.score.unpicturable_std > 0
+    assert sc.score.map_std > 0 and sc.score.gaussian_std > 0
+    assert all(r in ("required", "component", "raw") for r in sc.roles.values())
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in sc.outputs.items())
 
 
@@ -95,8 +96,10 @@ def test_mutated_sidecar_is_refused_clearly_or_usable(mutations):
     (("thresholds", "image"), float("nan"), "thresholds.image must be a finite number"),
     (("thresholds", "image"), float("inf"), "thresholds.image"),
     (("thresholds", "image"), "0.5", "thresholds.image"),
-    (("score", "picturable_std"), 0.0, "score.picturable_std must be positive"),
-    (("normalization", "q_st_b"), None, "normalization.q_st_b"),
+    (("score", "map_std"), 0.0, "score.map_std must be positive"),
+    (("normalization", "q_high"), [None], "normalization.q_high"),
+    (("thresholds", "per_class"), {"bottle": float("nan")}, "thresholds.per_class"),
+    (("roles",), {"anomaly_map": "weird"}, "roles must map"),
     (("format",), 3, "sidecar format 3"),
     (("format",), "1", "sidecar format '1'"),
     (("input",), [64, 64], "'input' must be an object"),

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from runtime.artifact import ArtifactError, read_sidecar, sidecar_path, write_sidecar
 from runtime.model import Model
 
-from . import fitting
+from . import fitting, memory
 from .fitting import CalibrationError
 from .graph_part import GraphPart, source_graph
 from .headfit import HeadFit, fit_head
@@ -111,6 +111,7 @@ class FrameCheck:
 class Collected:
     raw_maps: np.ndarray  # float32 [N,K,h,w]
     features: np.ndarray | None  # float32 [N,D] (families with a Gaussian component)
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # e.g. patch features for a memory
 
     def __len__(self) -> int:
         return len(self.raw_maps)
@@ -121,7 +122,8 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
     """Run the deployed model over frames; keep its raw outputs (role 'raw' in the sidecar)."""
     sc = model.sidecar
     has_gaussian = "features" in sc.roles
-    need = ["raw_maps"] + (["features"] if has_gaussian else [])
+    extra = memory.extra_raw_outputs(sc)  # [] for graphs without a memory
+    need = ["raw_maps"] + (["features"] if has_gaussian else []) + extra
     missing = [k for k in need if k not in model.backend.output_names]
     if missing:
         raise CalibrationError(f"{model.path}: model lacks outputs {missing} needed for calibration; "
@@ -130,6 +132,7 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
     if any_aspect:
         check.aspect_range = None
     maps, feats = [], []
+    more: dict[str, list[np.ndarray]] = {k: [] for k in extra}
 
     def checked():
         for i, f in enumerate(frames):
@@ -141,14 +144,18 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
         maps.append(np.asarray(out["raw_maps"], np.float32))
         if has_gaussian:
             feats.append(np.asarray(out["features"], np.float32))
+        for k in extra:
+            more[k].append(np.asarray(out[k], np.float32))
     if not maps:
         raise CalibrationError("no images were read")
-    return Collected(np.concatenate(maps), np.concatenate(feats) if has_gaussian else None)
+    return Collected(np.concatenate(maps), np.concatenate(feats) if has_gaussian else None,
+                     {k: np.concatenate(v) for k, v in more.items()})
 
 
 @dataclass
 class CalibrationResult(HeadFit):
     class_name: str | None = None
+    memory: dict | None = None  # what a memory refit did (graphs with a memory)
 
 
 def graph_scorer(model_path: Path, sc) -> GraphPart:
@@ -162,10 +169,35 @@ def compute(model: Model, good: Collected, defects: Collected | None = None, tar
     sc = model.sidecar
     w = sc.score.puad_weight if puad_weight is None else puad_weight
     gate = sc.score.puad_gate if puad_gate is fitting.KEEP_GATE else puad_gate
-    fit = fit_head(good.raw_maps, good.features, graph_scorer(model.path, sc), list(sc.head.get("map_names", [])),
+    mem = None
+    if memory.MemorySpec.from_sidecar(sc) is not None:  # a new memory first; the head is fit on its held-out maps
+        mem, good, defects = _refit_memory(model, good, defects)
+    scorer = graph_scorer(model.path, sc)
+    fit = fit_head(good.raw_maps, good.features, scorer, list(sc.head.get("map_names", [])),
                    puad_weight=w, puad_gate=gate, target_fpr=target_fpr,
                    defects=None if defects is None else (defects.raw_maps, defects.features), estimator=estimator)
-    return CalibrationResult(**{f.name: getattr(fit, f.name) for f in dataclasses.fields(HeadFit)})
+    result = CalibrationResult(**{f.name: getattr(fit, f.name) for f in dataclasses.fields(HeadFit)})
+    if mem is not None:
+        result.constants.update(mem.constants)
+        # what the deployed graph will say about these very images (its memory holds their patches)
+        result.good_scores = np.asarray(scorer(result.constants, mem.deployed_raw_maps, good.features)["image_score"],
+                                        np.float64)
+        result.thresholds.fit_fpr = float((result.good_scores >= result.thresholds.image).mean())
+        result.memory = mem.info
+    return result
+
+
+def _refit_memory(model: Model, good: Collected, defects: Collected | None):
+    """A graph with a memory: new memory from the good images; raw maps of good images held out from
+    it (2-fold) and of defect images scored by it."""
+    spec = memory.MemorySpec.from_sidecar(model.sidecar)
+    src = source_graph(model.path, model.sidecar)
+    mem = memory.fit_memory(src, model.sidecar, good.extra[spec.features_output])
+    good = Collected(mem.heldout_raw_maps, good.features, good.extra)
+    if defects is not None:
+        maps = memory.MemoryScorer(src, spec)(mem.constants[spec.initializer], defects.extra[spec.features_output])
+        defects = Collected(maps, defects.features, defects.extra)
+    return mem, good, defects
 
 
 def compute_class_threshold(model: Model, good: Collected, class_name: str, target_fpr: float = 0.01) -> CalibrationResult:
@@ -234,6 +266,8 @@ def apply(model_path: str | Path, result: CalibrationResult, source: str, backup
         shutil.copy2(model_path, model_path.with_name(model_path.name + ".bak"))
         shutil.copy2(sidecar_path(model_path), sidecar_path(model_path).with_name(sidecar_path(model_path).name + ".bak"))
     record = {"date": date, "source": source, "n_images": result.n_images}
+    if result.memory:
+        record["memory"] = result.memory
     if result.class_name is not None:
         sc.thresholds.per_class[result.class_name] = result.thresholds.image
         sc.provenance.setdefault("class_calibration", {})[result.class_name] = {

@@ -36,14 +36,18 @@ def source_graph(model_path: Path, sidecar: Sidecar) -> Path:
 
 
 class GraphPart:
-    """raw_maps (+ features) -> map_score, [gaussian_score], image_score, by the graph's own nodes."""
+    """raw_maps (+ features) -> map_score, [gaussian_score], image_score, by the graph's own nodes.
 
-    def __init__(self, onnx_path: str | Path, has_gaussian: bool):
+    ``inputs``/``outputs``: cut another part instead (e.g. ``patch_features -> raw_maps`` of a graph
+    with a memory, run with a candidate memory); ``run`` then gives its outputs as they are."""
+
+    def __init__(self, onnx_path: str | Path, has_gaussian: bool = False, inputs: list[str] | None = None,
+                 outputs: list[str] | None = None):
         import onnx
         from onnx.utils import Extractor
 
-        self.inputs = ["raw_maps"] + (["features"] if has_gaussian else [])
-        self.outputs = [o for o in SCORE_OUTPUTS if has_gaussian or o != "gaussian_score"]
+        self.inputs = list(inputs) if inputs else ["raw_maps"] + (["features"] if has_gaussian else [])
+        self.outputs = list(outputs) if outputs else [o for o in SCORE_OUTPUTS if has_gaussian or o != "gaussian_score"]
         model = onnx.load(str(onnx_path))
         names = {o.name for o in model.graph.output}
         missing = [n for n in self.inputs + self.outputs if n not in names]
@@ -65,9 +69,9 @@ class GraphPart:
         self._bytes = sub.SerializeToString()
         self._shapes = {i.name: tuple(i.dims) for i in sub.graph.initializer}
 
-    def __call__(self, constants: dict[str, np.ndarray], raw_maps: np.ndarray,
-                 features: np.ndarray | None = None, batch: int = 256) -> dict[str, np.ndarray]:
-        """Scores (float64 [N] each) of stored raw outputs under ``constants`` (by initializer name)."""
+    def run(self, constants: dict[str, np.ndarray], feeds: dict[str, np.ndarray], batch: int = 256) -> dict[str, np.ndarray]:
+        """The part's outputs (float32, concatenated over batches of ``batch`` images) for ``feeds``
+        under ``constants`` (by initializer name; names the part does not use are ignored)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -84,12 +88,20 @@ class GraphPart:
             keep.append(ov)
             opts.add_initializer(name, ov)
         sess = ort.InferenceSession(self._bytes, opts, providers=["CPUExecutionProvider"])
+        n = len(next(iter(feeds.values())))
         acc: dict[str, list[np.ndarray]] = {k: [] for k in self.outputs}
-        for i in range(0, len(raw_maps), batch):
-            feeds = {"raw_maps": np.ascontiguousarray(raw_maps[i:i + batch], np.float32)}
-            if "features" in self.inputs:
-                feeds["features"] = np.ascontiguousarray(features[i:i + batch], np.float32)
-            for k, v in zip(self.outputs, sess.run(self.outputs, feeds)):
-                acc[k].append(np.asarray(v, np.float64).reshape(-1))
+        for i in range(0, n, batch):
+            chunk = {k: np.ascontiguousarray(v[i:i + batch], np.float32) for k, v in feeds.items()}
+            for k, v in zip(self.outputs, sess.run(self.outputs, chunk)):
+                acc[k].append(np.asarray(v, np.float32))
         del keep
-        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in acc.items()}
+        return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in acc.items()}
+
+    def __call__(self, constants: dict[str, np.ndarray], raw_maps: np.ndarray,
+                 features: np.ndarray | None = None, batch: int = 256) -> dict[str, np.ndarray]:
+        """Scores (float64 [N] each) of stored raw outputs under ``constants`` (by initializer name)."""
+        feeds = {"raw_maps": raw_maps}
+        if "features" in self.inputs:
+            feeds["features"] = features
+        out = self.run(constants, feeds, batch)
+        return {k: v.astype(np.float64).reshape(-1) for k, v in out.items()}

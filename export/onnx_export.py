@@ -60,6 +60,16 @@ def _check_out_path(out: Path) -> None:
         raise ExportError(f"{out}: folder {parent} is not writable; choose another --out")
 
 
+def _calibration_buffers(model: AnomalyModel) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Every rewritable buffer by its initializer name: the head's and the family's own (e.g. a memory)."""
+    out = {name: (model.head, name) for name in model.head.calibration_names}
+    for path, name in model.extra_calibration_buffers():
+        if name in out:
+            raise ExportError(f"calibration buffer {path}.{name}: its name is taken; rename the buffer")
+        out[name] = (model.get_submodule(path), name)
+    return out
+
+
 def _sentinels(model: AnomalyModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Set each calibration buffer to distinct random values; return (true values, sentinel values).
 
@@ -68,8 +78,8 @@ def _sentinels(model: AnomalyModel) -> tuple[dict[str, np.ndarray], dict[str, np
     """
     rng = np.random.default_rng(12345)
     true, sentinel = {}, {}
-    for k, name in enumerate(model.head.calibration_names):
-        buf = getattr(model.head, name)
+    for k, (name, (owner, attr)) in enumerate(_calibration_buffers(model).items()):
+        buf = getattr(owner, attr)
         true[name] = buf.detach().cpu().numpy().copy()
         sentinel[name] = (1000.0 + 10.0 * k + rng.random(buf.shape)).astype(np.float32)
         buf.copy_(torch.as_tensor(sentinel[name], dtype=buf.dtype))
@@ -77,8 +87,10 @@ def _sentinels(model: AnomalyModel) -> tuple[dict[str, np.ndarray], dict[str, np
 
 
 def _restore(model: AnomalyModel, true: dict[str, np.ndarray]) -> None:
+    buffers = _calibration_buffers(model)
     for name, value in true.items():
-        buf = getattr(model.head, name)
+        owner, attr = buffers[name]
+        buf = getattr(owner, attr)
         buf.copy_(torch.as_tensor(value, dtype=buf.dtype))
 
 
@@ -165,8 +177,8 @@ def sidecar_from_checkpoint(blob: dict, model: AnomalyModel, model_file: str, ba
         gaussian=GaussianInfo(**blob.get("gaussian", {})),
         score=ScoreSpec(**parts["score"]),
         thresholds=Thresholds(**parts["thresholds"]),
-        calibration_initializers=list(model.head.calibration_names),
-        family_params={"config": blob["config"]},
+        calibration_initializers=list(_calibration_buffers(model)),
+        family_params={"config": blob["config"], **model.family_params()},
         provenance=prov,
     )
 

@@ -156,6 +156,16 @@ class AnomalyModel(nn.Module):
 
     extra_output_meanings: dict[str, str] = {}
 
+    def extra_calibration_buffers(self) -> list[tuple[str, str]]:
+        """(module path, buffer name) pairs beyond the head's that calibration rewrites (e.g. a memory);
+        export names each initializer after its buffer and lists it in the sidecar."""
+        return []
+
+    def family_params(self) -> dict:
+        """JSON-able facts for the sidecar's ``family_params`` (opaque to the runtime; read by calibration
+        by capability, e.g. ``memory``), beside the checkpoint config."""
+        return {}
+
     # -- the deployed graph ---------------------------------------------------------
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """frames: uint8 [N,H,W,3] (cfg.color_order, cfg.image_size) -> every deployed output."""

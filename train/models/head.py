@@ -114,7 +114,8 @@ class DeployHead(nn.Module):
             out["image_score"] = d[:, 0] + torch.relu(d[:, 1])
             out.update(map_score=map_score, gaussian_score=gaussian, features=features)
         else:
-            out["image_score"] = (map_score - self.score_center) * self.score_weight  # [N] - [1]: no index to fold
+            # [N] - [1] broadcasts: indexing [0] would be a Slice of a constant, folded into an unnamed one on export
+            out["image_score"] = (map_score - self.score_center) * self.score_weight
             out["map_score"] = map_score
         out["raw_maps"] = maps
         return out

@@ -1,0 +1,191 @@
+"""Memory banks of patch features (PatchCore-style families): the coreset, in numpy, and field refits.
+
+A graph that declares a memory (sidecar ``family_params["memory"]``, written by export from the
+model's ``family_params()``) scores each patch by its distance to the nearest row of a named
+initializer. The initializer is a float32 matrix ``[C+1, capacity]``: one column per memory item,
+its C features and its squared norm. The squared norm rides along so the deployed distance
+``||a||^2 - 2 a.b + ||b||^2`` needs no computation on the memory alone, and the columns are laid out
+as the graph's MatMul uses them: exporters fold any operation on a constant (a norm, a transpose)
+into a new, unnamed constant that a rewrite of the memory would leave stale. Unused columns repeat
+a real item, so the minimum distance is unchanged.
+
+Field onboarding (``python -m calibration fit`` on a graph with a memory):
+
+1. the graph's ``patch_features`` output for the good images (collected with the raw outputs);
+2. the greedy k-center coreset of all their patches (``greedy_coreset``) -> the new memory;
+3. out-of-sample raw maps for the head fit: a memory from half A scores half B and vice versa,
+   through the graph's own ``patch_features -> raw_maps`` subgraph (``GraphPart``);
+4. the head is fit on those maps (``headfit.fit_head``), then memory + head constants are written
+   together (``field.apply``, atomic).
+
+torch-free: numpy (+ onnx/onnxruntime for the subgraph).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .fitting import CalibrationError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- coreset
+def greedy_coreset(features: np.ndarray, n: int, projection_dim: int | None = 128, seed: int = 0,
+                   progress: bool = True) -> np.ndarray:
+    """Indices of ``n`` rows of ``features`` chosen by greedy k-center (PatchCore's coreset).
+
+    features: float32 [P,C] patch features. Each step adds the row farthest from the rows chosen so
+    far, so the coreset covers the feature space with the smallest radius greedy search finds.
+    projection_dim: distances are computed on a Gaussian random projection to this many dimensions
+    (Johnson-Lindenstrauss; PatchCore's speed-up), None or >= C: on the features themselves.
+    Returns int64 [min(n, P)] indices, in selection order.
+    """
+    x = np.asarray(features, np.float32)
+    if x.ndim != 2 or len(x) == 0:
+        raise CalibrationError(f"coreset needs patch features [P,C] with P > 0, got shape {list(x.shape)}")
+    p, c = x.shape
+    n = int(min(n, p))
+    if n < 1:
+        raise CalibrationError(f"coreset size {n}: choose at least 1")
+    rng = np.random.default_rng(seed)
+    if projection_dim and projection_dim < c:
+        proj = rng.standard_normal((c, projection_dim)).astype(np.float32) / np.sqrt(projection_dim)
+        x = x @ proj
+    sq = np.einsum("ij,ij->i", x, x)
+    chosen = np.empty(n, np.int64)
+    chosen[0] = int(rng.integers(p))
+    # squared distance of every row to its nearest chosen row
+    nearest = np.maximum(sq - 2.0 * (x @ x[chosen[0]]) + sq[chosen[0]], 0.0)
+    for i in tqdm(range(1, n), desc="coreset", leave=False, disable=not progress or n < 500, mininterval=2.0):
+        k = int(np.argmax(nearest))
+        chosen[i] = k
+        np.minimum(nearest, np.maximum(sq - 2.0 * (x @ x[k]) + sq[k], 0.0), out=nearest)
+    return chosen
+
+
+def coreset_size(n_patches: int, ratio: float, capacity: int) -> int:
+    """How many rows a memory of ``capacity`` gets from ``n_patches`` at ``ratio`` (at least 1)."""
+    if not 0 < ratio <= 1:
+        raise CalibrationError(f"coreset ratio {ratio}: choose a fraction in (0, 1]")
+    return int(max(1, min(capacity, round(ratio * n_patches))))
+
+
+def memory_matrix(coreset: np.ndarray, capacity: int) -> np.ndarray:
+    """The memory initializer: float32 [C+1, capacity], column j = [item j's features, its squared norm];
+    unused columns repeat item 0.
+
+    coreset: float32 [M,C] memory items with 1 <= M <= capacity."""
+    m = np.asarray(coreset, np.float32)
+    if m.ndim != 2 or not 1 <= len(m) <= capacity:
+        raise CalibrationError(f"memory of {len(m)} rows does not fit a capacity of {capacity}; "
+                               "lower the coreset ratio or re-export with a larger memory")
+    rows = np.empty((capacity, m.shape[1] + 1), np.float32)
+    rows[: len(m), :-1] = m
+    rows[len(m):, :-1] = m[0]
+    rows[:, -1] = np.einsum("ij,ij->i", rows[:, :-1].astype(np.float64), rows[:, :-1].astype(np.float64))
+    return np.ascontiguousarray(rows.T)
+
+
+def patches(features: np.ndarray) -> np.ndarray:
+    """[N,C,h,w] feature maps -> [N*h*w, C] patch rows (float32)."""
+    f = np.asarray(features, np.float32)
+    return np.ascontiguousarray(f.transpose(0, 2, 3, 1).reshape(-1, f.shape[1]))
+
+
+def build_memory(features: np.ndarray, capacity: int, ratio: float, projection_dim: int | None = 128,
+                 seed: int = 0, progress: bool = True) -> tuple[np.ndarray, int]:
+    """Patch feature maps [N,C,h,w] of good images -> (memory matrix [C+1, capacity], items selected)."""
+    rows = patches(features)
+    n = coreset_size(len(rows), ratio, capacity)
+    idx = greedy_coreset(rows, n, projection_dim, seed, progress)
+    return memory_matrix(rows[idx], capacity), n
+
+
+# ----------------------------------------------------------------------------- field refit
+@dataclass
+class MemorySpec:
+    """What the sidecar says about a graph's memory (``family_params["memory"]``)."""
+
+    initializer: str
+    features_output: str
+    capacity: int
+    dim: int
+    coreset_ratio: float
+    projection_dim: int | None = 128
+    seed: int = 0
+
+    @classmethod
+    def from_sidecar(cls, sc) -> "MemorySpec | None":
+        d = (sc.family_params or {}).get("memory")
+        if not d:
+            return None
+        try:
+            return cls(initializer=d["initializer"], features_output=d["features_output"], capacity=int(d["capacity"]),
+                       dim=int(d["dim"]), coreset_ratio=float(d["coreset_ratio"]),
+                       projection_dim=d.get("projection_dim", 128), seed=int(d.get("seed", 0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CalibrationError(f"sidecar family_params.memory is malformed ({e}); re-export the model") from e
+
+
+def extra_raw_outputs(sc) -> list[str]:
+    """Raw outputs field calibration must collect beyond raw_maps/features (none without a memory)."""
+    spec = MemorySpec.from_sidecar(sc)
+    return [] if spec is None else [spec.features_output]
+
+
+@dataclass
+class MemoryFit:
+    constants: dict[str, np.ndarray]  # {initializer: memory matrix [C+1, capacity]}
+    heldout_raw_maps: np.ndarray  # [N,1,h,w]: each image scored by the memory of the other half
+    deployed_raw_maps: np.ndarray  # [N,1,h,w]: scored by the memory written (what the deployed graph gives)
+    info: dict = field(default_factory=dict)
+
+
+class MemoryScorer:
+    """patch features -> raw maps with a candidate memory, through the graph's own subgraph."""
+
+    def __init__(self, onnx_path: str | Path, spec: MemorySpec):
+        from .graph_part import GraphPart
+
+        self.spec = spec
+        self.part = GraphPart(onnx_path, inputs=[spec.features_output], outputs=["raw_maps"])
+        if spec.initializer not in self.part.initializers:
+            raise CalibrationError(f"{onnx_path}: raw maps do not use the memory initializer {spec.initializer!r}; "
+                                   "re-export the model")
+
+    def __call__(self, memory: np.ndarray, features: np.ndarray, batch: int = 4) -> np.ndarray:
+        return self.part.run({self.spec.initializer: memory}, {self.spec.features_output: features}, batch)["raw_maps"]
+
+
+def fit_memory(onnx_path: str | Path, sc, features: np.ndarray, seed: int = 0) -> MemoryFit:
+    """New memory from good images' patch features [N,C,h,w], with out-of-sample raw maps for the head fit."""
+    spec = MemorySpec.from_sidecar(sc)
+    if spec is None:
+        raise CalibrationError("this model has no memory to refit")
+    f = np.asarray(features, np.float32)
+    if f.ndim != 4 or f.shape[1] != spec.dim:
+        raise CalibrationError(f"patch features of shape {list(f.shape)}, the memory holds {spec.dim} channels; "
+                               "re-export the model")
+    if len(f) < 4:
+        raise CalibrationError(f"{len(f)} good images: a memory refit needs at least 4 (better 50 or more)")
+    scorer = MemoryScorer(onnx_path, spec)
+    idx = np.random.default_rng(seed).permutation(len(f))
+    halves = (idx[: len(f) // 2], idx[len(f) // 2:])
+    heldout = None
+    for own, other in (halves, halves[::-1]):
+        mem, _ = build_memory(f[own], spec.capacity, spec.coreset_ratio, spec.projection_dim, spec.seed)
+        maps = scorer(mem, f[other])
+        if heldout is None:
+            heldout = np.empty((len(f),) + maps.shape[1:], np.float32)
+        heldout[other] = maps
+    memory, n = build_memory(f, spec.capacity, spec.coreset_ratio, spec.projection_dim, spec.seed)
+    deployed = scorer(memory, f)
+    info = {"rows": n, "capacity": spec.capacity, "patches": int(f.shape[0] * f.shape[2] * f.shape[3]),
+            "coreset_ratio": spec.coreset_ratio, "n_images": int(len(f))}
+    log.info("memory: %d of %d patches (capacity %d)", n, info["patches"], spec.capacity)
+    return MemoryFit({spec.initializer: memory}, heldout, deployed, info)

@@ -1,0 +1,167 @@
+"""The memory-bank family: nearest-neighbour graph, coreset, export parity, torch-free memory refits."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from calibration.fitting import CalibrationError
+from calibration.memory import MemorySpec, greedy_coreset, memory_matrix
+from calibration.metrics import auroc
+from runtime.artifact import read_sidecar, sidecar_path
+from runtime.dataset import open_dataset
+from runtime.model import Model
+from train.data import load_frames
+from train.models import create_model
+from train.models.patchcore import NearestNeighbour
+
+IMAGE_SIZE = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _memory(onnx_path: Path) -> np.ndarray:
+    inits = {i.name: i for i in onnx.load(str(onnx_path)).graph.initializer}
+    return numpy_helper.to_array(inits["memory_bank"])
+
+
+def test_nearest_neighbour_is_the_brute_force_distance_and_padding_rows_change_nothing():
+    g = torch.Generator().manual_seed(0)
+    mem = torch.randn(37, 5, generator=g)
+    feats = torch.randn(2, 5, 3, 4, generator=g)
+    nn_ = NearestNeighbour(64, 5)
+    nn_.memory_bank.copy_(torch.from_numpy(memory_matrix(mem.numpy(), 64)))
+    got = nn_(feats)
+    a = feats.permute(0, 2, 3, 1).reshape(-1, 5)
+    want = torch.cdist(a, mem).amin(1).reshape(2, 1, 3, 4)
+    assert got.shape == (2, 1, 3, 4)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(CalibrationError, match="capacity"):
+        memory_matrix(mem.numpy(), 16)
+
+
+@pytest.mark.parametrize("projection", [None, 2])
+def test_greedy_coreset_covers_every_cluster(projection):
+    rng = np.random.default_rng(0)
+    centers = np.array([[0, 0, 0, 0], [50, 0, 0, 0], [0, 50, 0, 0], [0, 0, 50, 50]], np.float32)
+    x = np.concatenate([c + rng.standard_normal((200, 4)).astype(np.float32) for c in centers])
+    idx = greedy_coreset(x, 4, projection_dim=projection, progress=False)
+    assert sorted(set(i // 200 for i in idx)) == [0, 1, 2, 3]  # one from each cluster, none twice
+
+
+@pytest.fixture(scope="module")
+def pc_dataset(tmp_path_factory):
+    from runtime.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("pcdata") / "tray", size=96, n_train=40, n_test_good=12,
+                         n_per_defect=4, seed=3, defects=("scratch", "spot", "crack"), product="tray")
+
+
+@pytest.fixture(scope="module")
+def pc_checkpoint(tmp_path_factory, pc_dataset):
+    from train.loop import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("pcrun")
+    cfg = TrainConfig(data=str(pc_dataset), out=str(out), model="patchcore_lite0", image_size=IMAGE_SIZE,
+                      model_kwargs={"memory_size": 256, "coreset_ratio": 0.1})
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def pc_onnx(tmp_path_factory, pc_checkpoint):
+    from export.onnx_export import export_onnx
+
+    return export_onnx(pc_checkpoint, tmp_path_factory.mktemp("pcexp") / "model.onnx", batch="dynamic")
+
+
+@pytest.fixture()
+def pc_copy(tmp_path, pc_onnx):
+    dst = tmp_path / "model.onnx"
+    shutil.copy2(pc_onnx, dst)
+    shutil.copy2(sidecar_path(pc_onnx), sidecar_path(dst))
+    return dst
+
+
+def test_trained_memory_and_export_parity(pc_checkpoint, pc_onnx, pc_dataset):
+    from train.loop import load_checkpoint, run_outputs
+
+    model, blob = load_checkpoint(pc_checkpoint)
+    assert blob["family"] == "patchcore"
+    assert blob["train"]["memory_rows"] == min(256, round(0.1 * blob["train"]["patches"]))
+    ds = open_dataset(pc_dataset)
+    frames = load_frames([s.path for s in ds.test], IMAGE_SIZE)
+    labels = np.array([s.label for s in ds.test])
+    keys = ("anomaly_map", "image_score", "map_score", "raw_maps", "patch_features")
+    ref = run_outputs(model, frames, "cpu", keys=keys)
+    out = Model(pc_onnx, warmup=0).infer(frames)
+    for k in keys:
+        assert np.abs(out[k] - ref[k]).max() <= 1e-4 * max(1.0, np.abs(ref[k]).max()), k
+    assert round(auroc(labels, out["image_score"]), 3) == round(auroc(labels, ref["image_score"]), 3)
+    # the memory is a named initializer holding the trained buffer; the sidecar declares it
+    np.testing.assert_array_equal(_memory(pc_onnx), model.knn.memory_bank.numpy())
+    sc = read_sidecar(pc_onnx)
+    assert "memory_bank" in sc.calibration_initializers and sc.roles["patch_features"] == "raw"
+    spec = MemorySpec.from_sidecar(sc)
+    assert (spec.initializer, spec.capacity, spec.dim) == ("memory_bank", 256, model.channels)
+
+
+def _torch_free(code: str) -> subprocess.CompletedProcess:
+    """Run code with torch made unimportable (what a line PC without torch sees)."""
+    prog = "import sys; sys.modules['torch'] = None\n" + code
+    return subprocess.run([sys.executable, "-c", prog], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_onboarding_a_new_product_swaps_the_memory_torch_free_and_scores_as_calibrated(pc_copy, tmp_path):
+    from runtime.synthetic import write_dataset
+
+    # a product the model never saw: boards instead of trays
+    new = write_dataset(tmp_path / "board", size=96, n_train=40, n_test_good=12, n_per_defect=4, seed=5,
+                         defects=("scratch", "spot", "crack"), product="board")
+    ds = open_dataset(new)
+    tests = [s for s in ds.test]
+    labels = np.array([s.label for s in tests])
+    import cv2
+
+    before_mem = _memory(pc_copy)
+    r = _torch_free(f"from calibration.field import calibrate\n"
+                    f"import json, numpy as np\n"
+                    f"res = calibrate({str(pc_copy)!r}, {str(new / 'train' / 'good')!r})\n"
+                    f"np.save({str(tmp_path / 'good_scores.npy')!r}, res.good_scores)\n"
+                    f"print(json.dumps(res.memory))")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after_mem = _memory(pc_copy)
+    assert after_mem.shape == before_mem.shape and not np.array_equal(after_mem, before_mem)
+    np.testing.assert_allclose(after_mem[-1], (after_mem[:-1].astype(np.float64) ** 2).sum(0), rtol=1e-5)
+    sc = read_sidecar(pc_copy)  # hash re-stamped: the model and its sidecar were rewritten together
+    assert sc.provenance["calibration"]["memory"]["rows"] == min(256, round(0.1 * 40 * 8 * 8))
+    assert pc_copy.with_name("model.onnx.bak").exists()
+    m = Model(pc_copy, warmup=0)
+    # the deployed model gives the calibration images the scores calibration reported
+    good = [cv2.imread(str(p)) for p in sorted((new / "train" / "good").glob("*.png"))]
+    np.testing.assert_allclose(m.predict(good).image_score, np.load(tmp_path / "good_scores.npy"), rtol=1e-4, atol=1e-5)
+    # and it now separates the new product's good and defective parts
+    scores = m.predict([cv2.imread(str(s.path)) for s in tests]).image_score
+    assert auroc(labels, scores) >= 0.9, auroc(labels, scores)
+
+
+def test_failed_memory_refit_leaves_the_artifact_byte_identical(pc_copy, pc_dataset, tmp_path):
+    model_bytes, side_bytes = pc_copy.read_bytes(), sidecar_path(pc_copy).read_bytes()
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted((pc_dataset / "train" / "good").glob("*.png"))[:3]:
+        shutil.copy2(p, few / p.name)
+    r = _torch_free(f"from calibration.cli import main\nraise SystemExit(main(['fit', '--model', {str(pc_copy)!r}, "
+                    f"'--good', {str(few)!r}]))")
+    assert r.returncode == 2 and "at least 4" in r.stderr, r.stderr[-2000:]
+    assert pc_copy.read_bytes() == model_bytes and sidecar_path(pc_copy).read_bytes() == side_bytes
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="lite0 or lite2"):
+        create_model("patchcore_lite", image_size=IMAGE_SIZE, pretrained=False, backbone="resnet")
+    with pytest.raises(ValueError, match="stride"):
+        create_model("patchcore_lite", image_size=IMAGE_SIZE, pretrained=False, stride=2)

@@ -1,0 +1,189 @@
+"""PatchCore-style memory bank (Roth et al., CVPR 2022) on frozen EfficientNet-Lite features.
+
+Pieces, in the order of the paper:
+
+- locally aware patch features: frozen ImageNet EfficientNet-Lite stages (2 and 3 by default: strides
+  8 and 16), each resized to the stride-8 grid and averaged over 3x3 neighbourhoods (``LiteTeacher``,
+  shared with EfficientAD-lite);
+- memory: the greedy k-center coreset of the training images' patch features (with a random
+  projection for the distance computations), ``calibration.memory.greedy_coreset`` -- the same
+  numpy code field onboarding runs, so a memory refit in the field is the memory training builds;
+- anomaly map: each patch's Euclidean distance to its nearest memory row, computed as matrix
+  products ``||a||^2 - 2 a.b + ||b||^2`` (clamped at 0, square root) so it exports as one Gemm;
+- image score: the map maximum (the shared head: normalization, smoothing, upsampling, max).
+
+"Training" is feature extraction + coreset: no gradient step. The memory is a fixed-capacity
+buffer ``knn.memory_bank`` [C+1, M] (one column per item: features and squared norm, see
+``calibration.memory``)
+exported as the named initializer ``memory_bank``: ``python -m calibration fit`` replaces it
+torch-free, which is how a new product is onboarded without re-export. PatchCore's reweighting of
+the image score by the nearest row's neighbourhood is not implemented.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from calibration.memory import build_memory, memory_matrix
+
+from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
+from .efficientad import LiteTeacher
+from .registry import register_model
+
+log = logging.getLogger(__name__)
+
+MEMORY_INITIALIZER = "memory_bank"
+FEATURES_OUTPUT = "patch_features"
+
+
+@dataclass
+class PatchCoreConfig(FamilyConfig):
+    """Everything needed to rebuild the model from a checkpoint (stored in it as JSON)."""
+
+    name: str = "patchcore_lite"
+    backbone: str = "lite2"  # frozen ImageNet EfficientNet-Lite: lite0 or lite2
+    out_indices: tuple[int, ...] = (2, 3)  # stages (2: stride 8, 3: stride 16)
+    stride: int = 8  # grid of the anomaly map, px per cell
+    pool: int = 3  # local averaging window in grid cells (1 = off)
+    memory_size: int = 2048  # capacity of the memory (rows); fixed in the exported graph
+    coreset_ratio: float = 0.1  # fraction of the training patches kept (up to memory_size)
+    projection_dim: int = 128  # random projection for the coreset search (0 = exact distances)
+    coreset_seed: int = 0
+    map_blur_px: float = 4.0  # PatchCore's sigma 4
+
+
+class NearestNeighbour(nn.Module):
+    """Distance of each patch to its nearest memory row, as matrix products against ``memory_bank``.
+
+    memory_bank: float32 [C+1, M], columns ``[b, ||b||^2]``. The distance squared is
+    ``||a||^2 + [-2a, 1] . [b, ||b||^2]``: one MatMul whose only constant operand is the memory itself
+    (stored in the layout MatMul reads, so the exporter has nothing on it to fold).
+    """
+
+    def __init__(self, capacity: int, dim: int):
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"memory size {capacity}: choose at least 1 row")
+        self.register_buffer("memory_bank", torch.zeros(dim + 1, capacity))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats [N,C,h,w] -> distances [N,1,h,w] (float32, >= 0)."""
+        h, w = feats.shape[-2:]
+        c = feats.shape[1]
+        a = feats.permute(0, 2, 3, 1).reshape(-1, c)  # [P,C]; no Shape ops: any batch size
+        a_aug = F.pad(-2.0 * a, (0, 1), value=1.0)
+        d2 = torch.sum(a * a, dim=1) + torch.amin(torch.matmul(a_aug, self.memory_bank), dim=1)
+        return torch.sqrt(torch.clamp(d2, min=0.0)).reshape(-1, 1, int(h), int(w))
+
+
+class PatchCore(AnomalyModel):
+    """Frozen Lite features -> nearest-neighbour distance to a memory of good patches."""
+
+    family = "patchcore"
+    map_names = ("nn_distance",)
+    # the memory stays fp32 and unquantized: calibration rewrites it as a float initializer
+    export_policy = ExportPolicy(fp16_parts=(), int8_keep_fp32=("/head/", "/knn/"))
+    config_class = PatchCoreConfig
+    extra_output_meanings = {FEATURES_OUTPUT: "float32 [N,C,h,w], locally averaged patch features "
+                                              "(field calibration builds the memory from them)"}
+
+    def __init__(self, cfg: PatchCoreConfig):
+        if cfg.backbone not in ("lite0", "lite2"):
+            raise ValueError(f"backbone {cfg.backbone!r}: choose lite0 or lite2")
+        if cfg.stride not in (4, 8, 16):
+            raise ValueError(f"stride {cfg.stride}: choose 4, 8 or 16")
+        h, w = cfg.image_size
+        grid = (h // cfg.stride, w // cfg.stride)
+        super().__init__(cfg, grid)
+        self.features = LiteTeacher(f"efficientnet_{cfg.backbone}", cfg.out_indices, grid,
+                                    pretrained=cfg.pretrained, pool=cfg.pool)
+        self.channels = self.features.channels
+        self.knn = NearestNeighbour(cfg.memory_size, self.channels)
+        self._feats: torch.Tensor | None = None
+
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed [N,3,H,W] -> locally averaged patch features [N,C,h,w] float32."""
+        with torch.no_grad():
+            return self.features(x).float()
+
+    def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """x: preprocessed [N,3,H,W] -> (nearest-neighbour distance [N,1,h,w], None)."""
+        f = self.patch_features(x)
+        self._feats = f  # handed to extra_outputs, so the graph runs the backbone once
+        return self.knn(f), None
+
+    def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f, self._feats = self._feats, None
+        return {FEATURES_OUTPUT: f if f is not None else self.patch_features(x)}
+
+    # -- the hooks export and calibration read --------------------------------------
+    def extra_calibration_buffers(self) -> list[tuple[str, str]]:
+        return [("knn", MEMORY_INITIALIZER)]
+
+    def family_params(self) -> dict:
+        cfg = self.cfg
+        return {"memory": {"initializer": MEMORY_INITIALIZER, "features_output": FEATURES_OUTPUT,
+                           "capacity": cfg.memory_size, "dim": self.channels, "coreset_ratio": cfg.coreset_ratio,
+                           "projection_dim": cfg.projection_dim or None, "seed": cfg.coreset_seed}}
+
+    # -- "training" -----------------------------------------------------------------
+    @torch.no_grad()
+    def extract(self, frames: np.ndarray, device: str, batch: int = 16) -> np.ndarray:
+        """uint8 NHWC frames -> patch features float32 [N,C,h,w] (numpy)."""
+        self.eval()
+        out = []
+        for i in tqdm(range(0, len(frames), batch), desc="patch features", leave=False):
+            x = self.preprocess(torch.from_numpy(frames[i:i + batch]).to(device))
+            out.append(self.patch_features(x).cpu().numpy())
+        return np.concatenate(out)
+
+    def set_memory(self, rows: np.ndarray) -> None:
+        """rows: float32 [C+1, M] (``calibration.memory.memory_matrix``)."""
+        buf = self.knn.memory_bank
+        if tuple(rows.shape) != tuple(buf.shape):
+            raise ValueError(f"memory of shape {list(rows.shape)}, the model holds {list(buf.shape)}")
+        buf.copy_(torch.from_numpy(np.asarray(rows, np.float32)))
+
+    def fit(self, fit_frames, val_frames, train_cfg, device: str) -> dict:
+        """Patch features of the training frames -> greedy coreset -> memory (no gradient steps)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        feats = self.extract(fit_frames, device)
+        t1 = time.perf_counter()
+        rows, n = build_memory(feats, cfg.memory_size, cfg.coreset_ratio, cfg.projection_dim or None, cfg.coreset_seed)
+        self.set_memory(rows)
+        t2 = time.perf_counter()
+        patches = int(feats.shape[0] * feats.shape[2] * feats.shape[3])
+        log.info("memory: %d of %d patches (capacity %d); features %.1fs, coreset %.1fs",
+                 n, patches, cfg.memory_size, t1 - t0, t2 - t1)
+        return {"train_seconds": t2 - t0, "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1,
+                "memory_rows": n, "patches": patches, "steps_done": 0}
+
+
+def _build(name: str, image_size, default_backbone: str, **kw) -> PatchCore:
+    kw.setdefault("pretrained", True)
+    kw.setdefault("backbone", default_backbone)
+    return PatchCore(PatchCoreConfig(name=name, image_size=parse_hw(image_size), **kw))
+
+
+# ----------------------------------------------------------------------------- registered models
+@register_model
+def patchcore_lite(image_size=256, **kw) -> PatchCore:
+    """Memory bank on Lite2 stages 2+3 (168 channels), stride 8, 3x3 averaging, greedy coreset."""
+    return _build("patchcore_lite", image_size, "lite2", **kw)
+
+
+@register_model
+def patchcore_lite0(image_size=256, **kw) -> PatchCore:
+    """The same on Lite0 (stages 2+3: 152 channels): a cheaper backbone."""
+    return _build("patchcore_lite0", image_size, "lite0", **kw)
+
+
+__all__ = ["PatchCore", "PatchCoreConfig", "NearestNeighbour", "memory_matrix"]

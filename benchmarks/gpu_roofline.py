@@ -27,7 +27,7 @@ from collections import defaultdict
 import torch
 
 from benchmarks.common import write_result
-from benchmarks.speed_models import build
+from benchmarks.speed_models import ALL_NETWORKS, build
 
 COMPUTE_OPS = {"conv2d", "convolution", "mm", "addmm", "bmm", "matmul", "linear"}
 FREE_OPS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "expand", "t", "unsqueeze", "squeeze",
@@ -73,7 +73,7 @@ def _flops(op: str, args, out) -> float:
 def _part(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     for path, _ in stack.values():
-        for name in ("teacher", "student", "autoencoder", "map_smoothing"):
+        for name in ("teacher", "student", "autoencoder", "smoothing"):  # smoothing: head.smoothing
             if path == name or path.startswith(name + ".") or f".{name}" in path:
                 return name
     return "pre/post-processing"
@@ -81,7 +81,7 @@ def _part(node: torch.fx.Node) -> str:
 
 def analyse(variant: str, batch: int, image_size: int = 256) -> list[dict]:
     """One row per operator of the deployed fp16 graph: part, op, GFLOP, MB moved."""
-    model = build(variant, image_size).half_networks().to(memory_format=torch.channels_last)
+    model = build(variant, image_size).half_networks(ALL_NETWORKS).to(memory_format=torch.channels_last)
     frames = torch.zeros(batch, image_size, image_size, 3, dtype=torch.uint8)
     with torch.no_grad():
         prog = torch.export.export(model, (frames,))

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_result
-from benchmarks.speed_models import build, checkpoint, count_gflops
+from benchmarks.speed_models import ALL_NETWORKS, build, checkpoint, count_gflops
 
 log = logging.getLogger(__name__)
-KEYS = ("anomaly_map", "picturable_score", "unpicturable_score", "image_score")
+KEYS = ("anomaly_map", "map_score", "gaussian_score", "image_score")
 
 
 def timed(fn, x, iters: int = 50, warmup: int = 10) -> float:
@@ -61,9 +61,8 @@ def graphed(fn, example):
     return run
 
 
-def max_err(out, ref) -> float:
-    if isinstance(out, (tuple, list)):
-        out = dict(zip(KEYS + ("features", "map_st_raw", "map_ae_raw"), out))
+def max_err(out: dict, ref: dict) -> float:
+    """Largest error of the decision outputs (by name) relative to the fp32 eager reference."""
     errs = []
     for k in KEYS:
         r = ref[k].float()
@@ -80,7 +79,7 @@ def eager_steps(args, frames, refs, add) -> None:
         torch.backends.cudnn.allow_tf32 = True
         for b, x in frames.items():
             add("tf32 eager NCHW", b, timed(fp32, x), max_err(fp32(x), refs[b]))
-        half = build(args.variant).to(dev).eval().half_networks()
+        half = build(args.variant).to(dev).eval().half_networks(ALL_NETWORKS)
         for b, x in frames.items():
             add("fp16 networks eager", b, timed(half, x), max_err(half(x), refs[b]))
         half_cl = half.to(memory_format=torch.channels_last)
@@ -132,7 +131,7 @@ def main() -> None:
     compiled_ok = False
     if not args.no_compile and not args.backend_only:
         try:
-            half_cl = build(args.variant).to(dev).eval().half_networks().to(memory_format=torch.channels_last)
+            half_cl = build(args.variant).to(dev).eval().half_networks(ALL_NETWORKS).to(memory_format=torch.channels_last)
             mode = None if args.compile_mode == "default" else args.compile_mode
             comp = torch.compile(half_cl, dynamic=False, mode=mode)
             with torch.inference_mode():

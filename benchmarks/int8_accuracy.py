@@ -41,7 +41,7 @@ def score_artifact(path: Path, data: str) -> dict:
     for chunk in batched(ds.test, 8):
         out = model.infer(model.prepare([read_image(s.path) for s in chunk]))
         maps.append(out["anomaly_map"][:, 0])
-        pict.append(out["picturable_score"])
+        pict.append(out["map_score"])
         image.append(out["image_score"])
     labels = np.array([s.label for s in ds.test])
     maps = np.concatenate(maps)

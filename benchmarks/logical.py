@@ -4,7 +4,9 @@
 
 Generates a seeded synthetic dataset (runtime.synthetic) with both defect families,
 trains once, and reports per-family image AUROC (each family's defects against the good
-test parts) for EfficientAD alone (picturable score) and for PUAD (combined score).
+test parts) for EfficientAD alone (the map score), for PUAD (the deployed image score) and
+for the Gaussian score alone. The result keeps the method names (efficientad, puad,
+gaussian_only); ``SCORES`` says which deployed score each one is.
 """
 from __future__ import annotations
 
@@ -17,14 +19,17 @@ import numpy as np
 
 from benchmarks.common import write_result
 
+# method name in the result -> the score ``train.evaluate.evaluate_model`` reports it under
+SCORES = {"efficientad": "map_score", "puad": "image_score", "gaussian_only": "gaussian_score"}
+
 
 def family_aurocs(metrics: dict, manifest: dict, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Mean per-defect image AUROC of each family ("structural", "logical") for each score name.
+    """Mean per-defect image AUROC of each family ("structural", "logical") for each method name (``SCORES``).
 
     ``metrics``: ``train.evaluate.evaluate_model`` output; ``manifest``: the synthetic dataset's
     manifest.json, which lists the defect types of each family.
     """
-    return {name: {fam: float(np.mean([metrics[name]["per_defect_auroc"][d] for d in manifest[fam]]))
+    return {name: {fam: float(np.mean([metrics[SCORES[name]]["per_defect_auroc"][d] for d in manifest[fam]]))
                    for fam in ("structural", "logical")} for name in names}
 
 

@@ -8,7 +8,7 @@ is recalibrated on the checkpoint's own validation split (the score normalizatio
 depends on the smoothed map) and evaluated on DATA/test with the standard metrics.
 No retraining: smoothing is a fixed filter after the networks. On synthetic datasets
 with a manifest, the structural/logical family AUROCs are reported as well.
-``--puad-weights`` and ``--puad-gates`` also sweep the weight of the unpicturable score in
+``--puad-weights`` and ``--puad-gates`` also sweep the weight of the Gaussian score in
 the PUAD mix and the z above which it counts (recalibrated the same way): the trade-off
 between logical and structural defects.
 
@@ -54,7 +54,7 @@ def evaluate_recalibrated(model, data: str, device: str, fit, val, sigma: float,
                           target_fpr: float, families: dict | None,
                           puad_gate: float | None = DEFAULT_PUAD_GATE) -> dict:
     """Set the smoothing, recalibrate every constant on the run's own split, evaluate on data/test."""
-    from benchmarks.logical import family_aurocs
+    from benchmarks.logical import SCORES, family_aurocs
     from train.evaluate import evaluate_model
     from train.loop import calibrate_model
 
@@ -62,8 +62,8 @@ def evaluate_recalibrated(model, data: str, device: str, fit, val, sigma: float,
     calibrate_model(model, fit, val, device, puad_weight, target_fpr, puad_gate)
     m = evaluate_model(model, data, device)
     row = {"sigma_px_at_256": sigma, "puad_weight": puad_weight, "puad_gate": puad_gate,
-           **{f"efficientad_{k}": m["efficientad"][k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
-           "puad_image_auroc": m["puad"]["image_auroc"]}
+           **{f"efficientad_{k}": m[SCORES["efficientad"]][k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
+           "puad_image_auroc": m[SCORES["puad"]]["image_auroc"]}
     if families:
         for name, fams in family_aurocs(m, families, ("efficientad", "puad")).items():
             row.update({f"{name}_{fam}_auroc": v for fam, v in fams.items()})
@@ -80,9 +80,9 @@ def main() -> None:
     p.add_argument("--select", action="store_true",
                    help="choose the sigma on defects painted on the validation images, score only that one on DATA/test")
     p.add_argument("--puad-weights", type=float, nargs="+", default=None,
-                   help="weights of the unpicturable score to try (default: the checkpoint's)")
+                   help="weights of the Gaussian score to try (default: the checkpoint's)")
     p.add_argument("--puad-gates", type=parse_gate, nargs="+", default=None, metavar="Z|none",
-                   help="z above which the unpicturable score counts; none = plain sum (default: the checkpoint's)")
+                   help="z above which the Gaussian score counts; none = plain sum (default: the checkpoint's)")
     p.add_argument("--eval-data", default=None,
                    help="evaluate on this folder's test split instead of DATA/test (a held-out set to choose on)")
     p.add_argument("--device", default="cpu")

@@ -21,6 +21,10 @@ VARIANTS = {
 }
 
 
+ALL_NETWORKS = ("teacher", "student", "autoencoder")  # fp16 everywhere (export's --fp16-teacher); the
+# family's default --fp16 keeps the teacher fp32 (EfficientAD.export_policy)
+
+
 def build(variant: str, image_size: int = 256, seed: int = 0):
     torch.manual_seed(seed)
     name, kw = VARIANTS[variant]
@@ -28,8 +32,10 @@ def build(variant: str, image_size: int = 256, seed: int = 0):
     c = m.channels
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(c, c)) / np.sqrt(c)
-    m.set_calibration(0.025, -0.005, 0.025, -0.005, rng.normal(size=c) * 0.01, np.tril(a) + np.eye(c),
-                      [0.1, 10.0], [5.0, 0.1])
+    # the constants of quantiles q_a = 0.2, q_b = 2.2 for both maps (calibration.fitting.map_affine)
+    m.head.write(map_scale=[0.025, 0.025], map_shift=[-0.005, -0.005], gaussian_mean=rng.normal(size=c) * 0.01,
+                 gaussian_whitener=np.tril(a) + np.eye(c), score_center=[0.1, 10.0], score_weight=[5.0, 0.1])
+    m.calibrated.fill_(True)
     return m
 
 
@@ -38,11 +44,10 @@ def checkpoint(variant: str, path: Path, image_size: int = 256) -> Path:
     m = build(variant, image_size)
     c = m.channels
     save_checkpoint(path, m, {
-        "normalization": {"q_st_a": 0.2, "q_st_b": 2.2, "q_ae_a": 0.2, "q_ae_b": 2.2, "quantile_a": 0.9,
-                          "quantile_b": 0.995, "n_images": 0},
+        "normalization": {"map_names": list(m.map_names), "q_low": [0.2, 0.2], "q_high": [2.2, 2.2],
+                          "quantile_a": 0.9, "quantile_b": 0.995, "n_images": 0},
         "gaussian": {"dim": c, "n_images": 0, "estimator": "none", "shrinkage": 0.0, "condition_number": 0.0},
-        "score": {"picturable_mean": 0.1, "picturable_std": 0.1, "unpicturable_mean": 10.0, "unpicturable_std": 5.0,
-                  "puad_weight": 0.5},
+        "score": {"map_mean": 0.1, "map_std": 0.1, "gaussian_mean": 10.0, "gaussian_std": 5.0, "puad_weight": 0.5},
         "thresholds": {"image": 3.0, "pixel": 0.1, "method": "speed-benchmark (fresh weights)", "target_fpr": None,
                        "expected_fpr": None},
         "source_shape": [image_size, image_size, 3],

@@ -29,7 +29,7 @@ def knn_scores(model, train_frames, test_frames, bank_size: int, seed: int):
     """Nearest-neighbour distance maps [N,1,h,w] of the test frames to the training locations."""
     import torch
 
-    from train.loop import teacher_cache, teacher_statistics
+    from train.models.efficientad_train import teacher_cache, teacher_statistics
 
     teacher_statistics(model, train_frames, "cpu")
     tr, te = (teacher_cache(model, frames, "cpu", budget_bytes=2 ** 62) for frames in (train_frames, test_frames))

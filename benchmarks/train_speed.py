@@ -4,7 +4,7 @@
 
 Variants: the paper's losses written out plainly (full student output for every
 input, ``torch.quantile`` for the hard loss), fp32, teacher run every step: the
-baseline; then ``train.loop._losses`` (student head only for the half each input
+baseline; then ``train.models.efficientad_train._losses`` (student head only for the half each input
 needs, hard loss through ``topk``, fused MSE) with the teacher every step; with
 channels-last and cached teacher targets (what ``python -m train`` does by default);
 the same with bf16 autocast (``--amp``). Random frames, real Lite weights; each timed
@@ -34,8 +34,9 @@ def main() -> None:
 
     from train.cli import SIZES, model_kwargs
     from train.data import color_jitter, penalty_images
-    from train.loop import TrainConfig, _losses
+    from train.loop import TrainConfig
     from train.models import create_model
+    from train.models.efficientad_train import _losses
 
     kw = model_kwargs(args)
     model = create_model(SIZES[args.size], image_size=args.image_size, **kw).to(args.device).train()

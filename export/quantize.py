@@ -90,7 +90,9 @@ def quantize_qdq(model_path: str | Path, out: str | Path, calib_images: str | Pa
     # the final map: 8-bit steps there would show up as score noise), and e.g. a frozen teacher whose features
     # are divided by small stds (unless ``quantize_teacher``, i.e. --int8-all)
     keep = sc.provenance.get("export_policy", {}).get("int8_keep_fp32", ["/head/"])
-    keep = ["/head/"] + [k for k in keep if k != "/head/" and not quantize_teacher]
+    # the deploy head by its full path under export's wrapper: a bare "/head/" also matched a network's own
+    # sub-module named head (e.g. /model/autoencoder/head/), leaving those convolutions fp32
+    keep = ["/model/head/"] + [k for k in keep if k != "/head/" and not quantize_teacher]
     exclude = [n.name for n in graph.graph.node if any(k in n.name for k in keep)]
     tmp = out.with_name(out.name + ".partial")
     try:

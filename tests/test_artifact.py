@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from runtime.artifact import (ArtifactError, InputSpec, Sidecar, atomic_write_bytes, read_sidecar, sidecar_path,
-                              write_sidecar)
+from runtime.artifact import (STANDARD_OUTPUTS, ArtifactError, InputSpec, Sidecar, atomic_write_bytes, read_sidecar,
+                              sidecar_path, write_sidecar)
 
 
 def _model(tmp_path, data=b"graph-bytes"):
@@ -14,13 +14,20 @@ def _model(tmp_path, data=b"graph-bytes"):
 
 def test_roundtrip_and_hash(tmp_path):
     m = _model(tmp_path)
-    sc = Sidecar(model_file="", model_sha256="", input=InputSpec(height=64, width=48, color_order="RGB"))
+    required = {k: STANDARD_OUTPUTS[k][1] for k in ("anomaly_map", "image_score")}
+    sc = Sidecar(model_file="", model_sha256="", input=InputSpec(height=64, width=48, color_order="RGB"),
+                 outputs=required, roles={k: "required" for k in required})
     sc.thresholds.image = 1.25
     write_sidecar(m, sc)
     back = read_sidecar(m)
+    assert back.format == 2
     assert back.input.height == 64 and back.input.width == 48 and back.input.color_order == "RGB"
-    assert back.thresholds.image == 1.25
+    assert back.thresholds.image == 1.25 and back.outputs == required and back.outputs_with_role("required") == list(required)
     assert back.model_file == "m.onnx" and len(back.model_sha256) == 64
+    sc.outputs = {"anomaly_map": required["anomaly_map"]}  # a graph without the decision score is refused
+    write_sidecar(m, sc)
+    with pytest.raises(ArtifactError, match="outputs \\['image_score'\\] missing"):
+        read_sidecar(m)
 
 
 def test_hash_mismatch_is_refused(tmp_path):
@@ -41,8 +48,15 @@ def test_missing_and_malformed_sidecar(tmp_path):
     sidecar_path(m).write_text(json.dumps({"format": 99}))
     with pytest.raises(ArtifactError, match="format 99"):
         read_sidecar(m)
-    sidecar_path(m).write_text(json.dumps({"format": 1, "bogus": 1}))
-    with pytest.raises(ArtifactError, match="malformed"):
+    sidecar_path(m).write_text(json.dumps({"format": 1, "bogus": 1}))  # edgead 0.1's sidecar
+    with pytest.raises(ArtifactError, match="sidecar format 1 .*re-export"):
+        read_sidecar(m)
+    sidecar_path(m).write_text(json.dumps({"format": 2, "bogus": 1}))
+    with pytest.raises(ArtifactError, match="malformed sidecar"):  # (the tmp folder's name holds 'malformed')
+        read_sidecar(m)
+    sidecar_path(m).write_text(json.dumps({"format": 2, "model_file": "m.onnx", "model_sha256": "",
+                                           "input": {"height": 8, "width": 8}, "roles": {"image_score": "maybe"}}))
+    with pytest.raises(ArtifactError, match="unknown output roles"):
         read_sidecar(m)
     with pytest.raises(ArtifactError, match="model file not found"):
         read_sidecar(tmp_path / "nope.onnx")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from calibration.field import calibrate, collect, iter_images
-from calibration.fitting import (CalibrationError, combine_scores, fit_gaussian, parse_gate, required_images,
+from calibration.fitting import (CalibrationError, fit_gaussian, parse_gate, required_images, score_constants,
                                  score_normalization, threshold_at_fpr)
 from runtime.artifact import read_sidecar, sidecar_path
 from runtime.model import Model
@@ -17,10 +17,13 @@ def test_recalibration_reproduces_training_statistics(model_copy, trained, synth
     before = read_sidecar(model_copy)
     res = calibrate(model_copy, str(synthetic_root / "train" / "good"))
     n = res.normalization
+    assert n.map_names == blob["normalization"]["map_names"] == ["student_teacher", "student_autoencoder"]
     # training used a 10% hold-out for quantiles; the field fit uses all good images: close, not equal
-    for k in ("q_st_a", "q_st_b", "q_ae_a", "q_ae_b"):
-        assert getattr(n, k) == pytest.approx(blob["normalization"][k], rel=0.25), k
-    mean_train = blob["state_dict"]["gaussian_mean"].numpy()
+    for k in ("q_low", "q_high"):
+        assert len(getattr(n, k)) == 2
+        for field_q, train_q in zip(getattr(n, k), blob["normalization"][k]):
+            assert field_q == pytest.approx(train_q, rel=0.25), k
+    mean_train = blob["state_dict"]["head.gaussian_mean"].numpy()
     rel = np.linalg.norm(res.constants["gaussian_mean"] - mean_train) / np.linalg.norm(mean_train)
     assert rel < 0.05
     after = read_sidecar(model_copy)  # hash re-stamped, stats updated
@@ -91,18 +94,38 @@ def test_degenerate_and_small_feature_sets():
     assert t.expected_fpr <= 0.05 and (np.arange(100.0) >= t.image).sum() == 5
 
 
+def _head_image_score(map_scores, gaussian_scores, spec):
+    """The deploy head's image score for given component scores and a score spec, computed by the head itself
+    (float64): one raw map of one cell carries the map score, a 1-d feature with a unit Gaussian the Gaussian score."""
+    import torch
+
+    from train.models.head import DeployHead
+
+    head = DeployHead(("m",), (1, 1), feature_dim=1, blur_px=0.0).double()
+    center, weight = score_constants(spec)
+    head.write(map_scale=[1.0], map_shift=[0.0], gaussian_mean=[0.0], gaussian_whitener=[[1.0]],
+               score_center=center, score_weight=weight)
+    maps = torch.as_tensor(np.asarray(map_scores, np.float64)).view(-1, 1, 1, 1)
+    feats = torch.as_tensor(np.asarray(gaussian_scores, np.float64)).view(-1, 1)
+    with torch.no_grad():
+        out = head(maps, feats, (1, 1))
+    np.testing.assert_allclose(out["map_score"].numpy(), map_scores, atol=1e-12)
+    np.testing.assert_allclose(out["gaussian_score"].numpy(), gaussian_scores, atol=1e-9)  # sqrt(u^2 + 1e-12), u > 0
+    return out["image_score"].numpy()
+
+
 def test_puad_gate_counts_the_gaussian_score_only_beyond_the_gate():
     rng = np.random.default_rng(0)
     p, u = rng.gamma(4, 1, 200), rng.gamma(9, 1, 200)  # good images: both scores positive
     plain = score_normalization(p, u, 0.5, None)
     zp, zu = (p - p.mean()) / p.std(), (u - u.mean()) / u.std()
-    s = combine_scores(p, u, plain)  # the paper's sum, up to one constant
+    s = _head_image_score(p, u, plain)  # the paper's sum, up to one constant
     np.testing.assert_allclose(s - s[0], (0.5 * zp + 0.5 * zu) - (0.5 * zp[0] + 0.5 * zu[0]), atol=1e-9)
     gated = score_normalization(p, u, 0.5, 2.0)
-    g = combine_scores(p, u, gated)
+    g = _head_image_score(p, u, gated)
     below = zu <= 2.0
     assert below.any() and (~below).any()
-    np.testing.assert_allclose(g[below], 0.5 * zp[below], atol=1e-9)  # ordinary parts: picturable score alone
+    np.testing.assert_allclose(g[below], 0.5 * zp[below], atol=1e-9)  # ordinary parts: map score alone
     np.testing.assert_allclose(g[~below], 0.5 * zp[~below] + 0.5 * (zu[~below] - 2.0), atol=1e-9)
     assert parse_gate("none") is None and parse_gate("1.5") == 1.5
     with pytest.raises(Exception, match="standard deviations"):

@@ -6,7 +6,7 @@ import torch
 
 from calibration.metrics import auroc
 from export.onnx_export import ExportError, calibration_constants, export_onnx
-from runtime.artifact import CALIBRATION_INITIALIZERS, ArtifactError, read_sidecar
+from runtime.artifact import ArtifactError, read_sidecar
 from runtime.dataset import open_dataset
 from runtime.model import Model
 from train.data import load_frames
@@ -21,7 +21,7 @@ def test_frames(synthetic_root):
     return load_frames([s.path for s in ds.test], IMAGE_SIZE), np.array([s.label for s in ds.test])
 
 
-KEYS = ("anomaly_map", "picturable_score", "unpicturable_score", "image_score", "features")
+KEYS = ("anomaly_map", "map_score", "gaussian_score", "image_score", "features", "raw_maps")
 
 
 def _torch_out(ckpt, frames):
@@ -45,15 +45,18 @@ def test_fp32_parity_and_auroc(trained, onnx_model, test_frames):
 
 def test_graph_carries_named_constants_and_sidecar(onnx_model, trained):
     g = onnx.load(str(onnx_model))
-    consts = calibration_constants(g)
-    assert set(consts) == set(CALIBRATION_INITIALIZERS)
-    model, blob = load_checkpoint(trained)
-    assert consts["st_scale"] == pytest.approx(float(model.st_scale))
-    np.testing.assert_allclose(consts["gaussian_mean"], model.gaussian_mean.numpy(), rtol=1e-6)
-    assert g.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     sc = read_sidecar(onnx_model)
+    model, blob = load_checkpoint(trained)
+    assert sc.calibration_initializers == list(model.head.calibration_names)
+    consts = calibration_constants(g, sc.calibration_initializers)
+    assert set(consts) == {"map_scale", "map_shift", "gaussian_mean", "gaussian_whitener", "score_center", "score_weight"}
+    for name, value in model.head.constants().items():  # every constant the graph carries is the checkpoint's
+        assert consts[name].shape == value.shape, name
+        np.testing.assert_allclose(consts[name], value, rtol=1e-6, err_msg=name)
+    assert g.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert sc.input.layout == "NHWC" and sc.input.color_order == "BGR" and sc.input.height == IMAGE_SIZE
-    assert sc.normalization.q_st_b == pytest.approx(blob["normalization"]["q_st_b"])
+    assert sc.normalization.map_names == ["student_teacher", "student_autoencoder"]
+    assert sc.normalization.q_high == pytest.approx(blob["normalization"]["q_high"])
     assert sc.thresholds.image == pytest.approx(blob["thresholds"]["image"])
     assert sc.gaussian.dim == model.channels
 
@@ -67,7 +70,7 @@ def test_fp16_and_dynamic_batch(tmp_path, trained, test_frames):
     out = m.infer(frames)  # whole test set as one dynamic batch
     assert out["anomaly_map"].shape[0] == len(frames)
     assert np.abs(out["anomaly_map"] - ref["anomaly_map"]).max() <= 1e-2
-    assert np.abs(out["picturable_score"] - ref["picturable_score"]).max() <= 1e-2
+    assert np.abs(out["map_score"] - ref["map_score"]).max() <= 1e-2
     # Mahalanobis amplifies fp16 feature noise through the whitener: compare relative to the score scale
     rel = np.abs(out["image_score"] - ref["image_score"]).max() / np.abs(ref["image_score"]).max()
     assert rel <= 1e-2
@@ -109,9 +112,12 @@ def test_int8_qdq_runs_in_onnxruntime(tmp_path, trained, synthetic_root, test_fr
     dq_outputs = {n.output[0] for n in g.graph.node if n.op_type == "DequantizeLinear"}
     teacher_convs = [n for n in g.graph.node if n.op_type == "Conv" and "/teacher/" in n.name]
     assert teacher_convs and not any(n.input[1] in dq_outputs for n in teacher_convs)  # teacher stays fp32
-    smoothing = [n for n in g.graph.node if n.op_type == "Conv" and "/map_smoothing/" in n.name]
+    smoothing = [n for n in g.graph.node if n.op_type == "Conv" and "/head/smoothing/" in n.name]
     assert smoothing and not any(i in dq_outputs for n in smoothing for i in n.input)  # final map stays fp32
-    assert any(n.input[1] in dq_outputs for n in g.graph.node if n.op_type == "Conv")  # the rest is int8
+    networks = [n for n in g.graph.node if n.op_type == "Conv" and ("/student/" in n.name or "/autoencoder/" in n.name)]
+    # the rest is int8, sub-modules that happen to be named 'head' (the autoencoder's) included
+    assert networks and all(n.input[1] in dq_outputs for n in networks), [n.name for n in networks
+                                                                          if n.input[1] not in dq_outputs]
     assert read_sidecar(q).provenance["int8"]["target"] == target
     calibrate(q, str(synthetic_root / "train" / "good"))  # constants refit on the quantized graph
     calibrate(fp32, str(synthetic_root / "train" / "good"))  # same procedure on fp32, for a like-for-like comparison

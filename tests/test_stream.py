@@ -49,6 +49,10 @@ def test_video_every_frame_scored_and_matches_predict(onnx_model, video):
     pred = model.predict(decoded)
     assert [r["decision"] == "NG" for r in recs] == list(pred.is_ng)
     np.testing.assert_allclose([r["score"] for r in recs], pred.image_score, rtol=1e-4, atol=1e-4)
+    # the named component scores (sidecar role "component") are echoed per frame
+    assert set(pred.scores) == {"map_score", "gaussian_score"} and all(set(r["scores"]) == set(pred.scores) for r in recs)
+    for k, v in pred.scores.items():
+        np.testing.assert_allclose([r["scores"][k] for r in recs], v, rtol=1e-4, atol=1e-4, err_msg=k)
 
 
 def test_image_folder_with_microbatch(onnx_model, synthetic_root, tmp_path):

@@ -20,10 +20,12 @@ def test_shapes(name, grid):
     out = m(frames)
     c = m.channels
     assert out["anomaly_map"].shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
-    assert out["map_st_raw"].shape[-2:] == (grid, grid) and out["map_ae_raw"].shape[-2:] == (grid, grid)
-    for k in ("picturable_score", "unpicturable_score", "image_score"):
+    assert out["raw_maps"].shape == (2, 2, grid, grid)  # student-teacher, student-autoencoder
+    assert m.map_names == ("student_teacher", "student_autoencoder")
+    for k in ("map_score", "gaussian_score", "image_score"):
         assert out[k].shape == (2,)
     assert out["features"].shape == (2, c)
+    assert set(out) == set(m.output_names())
     assert "efficientad_lite" in list_models()
 
 
@@ -34,7 +36,7 @@ def test_stride4_student_gives_a_finer_map_and_old_configs_stay_stride8():
                      teacher_out_indices=(1, 2, 3)).eval()
     out = m(torch.randint(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8))
     g = IMAGE_SIZE // 4
-    assert out["map_st_raw"].shape[-2:] == (g, g) and out["map_ae_raw"].shape[-2:] == (g, g)
+    assert out["raw_maps"].shape == (1, 2, g, g)
     assert out["anomaly_map"].shape == (1, 1, IMAGE_SIZE, IMAGE_SIZE)
     old = m.cfg.to_dict()
     old.pop("student_stride")  # checkpoints written before the option
@@ -54,7 +56,8 @@ def test_paper_sizes_at_256():
 
 
 def test_map_smoothing_is_a_normalized_gaussian():
-    from train.models.efficientad import EfficientADConfig, MapSmoothing
+    from train.models.efficientad import EfficientADConfig
+    from train.models.head import MapSmoothing
 
     sm = MapSmoothing(1.0, (16, 16))
     flat = torch.full((1, 1, 16, 16), 0.3)
@@ -77,9 +80,11 @@ def test_rescore_of_stored_network_outputs_matches_the_full_graph():
     m = create_model("efficientad_lite", image_size=IMAGE_SIZE, pretrained=False).eval()
     frames = np.random.default_rng(0).integers(0, 256, (5, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     raw = raw_outputs(m, frames, "cpu")
-    m.set_calibration(0.5, -0.1, 0.2, 0.05, np.full(m.channels, 0.1), np.eye(m.channels) * 0.3, [0.2, 1.0], [0.5, 0.7])
+    m.head.write(map_scale=[0.5, 0.2], map_shift=[-0.1, 0.05], gaussian_mean=np.full(m.channels, 0.1),
+                 gaussian_whitener=np.eye(m.channels) * 0.3, score_center=[0.2, 1.0], score_weight=[0.5, 0.7])
+    m.calibrated.fill_(True)
     m.set_map_smoothing(6.0)
-    keys = ("picturable_score", "unpicturable_score", "image_score", "anomaly_map")
+    keys = ("map_score", "gaussian_score", "image_score", "anomaly_map")
     again = rescore(m, raw, "cpu", batch=2, keys=keys)
     full = run_outputs(m, frames, "cpu", keys=keys)
     for k in keys:
@@ -115,16 +120,23 @@ def test_loss_decreases_and_defects_score_higher(trained, synthetic_root):
     ds = open_dataset(synthetic_root)
     frames = load_frames([s.path for s in ds.test], IMAGE_SIZE)
     labels = np.array([s.label for s in ds.test])
-    out = run_outputs(model, frames, "cpu", keys=("image_score", "picturable_score", "unpicturable_score"))
+    out = run_outputs(model, frames, "cpu", keys=("image_score", "map_score", "gaussian_score"))
     assert out["image_score"][labels == 1].mean() > out["image_score"][labels == 0].mean()
-    # the graph's gated PUAD score is the one calibration computes in numpy
-    from calibration.fitting import combine_scores
+    # the graph's gated PUAD score is the one the checkpoint's score spec describes: the head's constants are
+    # the spec's (score_constants), and the image score is d_map + max(d_gauss, 0) of its component scores
+    from calibration.fitting import score_constants
     from runtime.artifact import ScoreSpec
 
     spec = ScoreSpec(**blob["score"])
     assert spec.puad_gate == 2.0
-    ref = combine_scores(out["picturable_score"], out["unpicturable_score"], spec)
+    center, weight = score_constants(spec)
+    consts = model.head.constants()
+    np.testing.assert_allclose(consts["score_center"], center, rtol=1e-6)
+    np.testing.assert_allclose(consts["score_weight"], weight, rtol=1e-6)
+    d = (np.stack([out["map_score"], out["gaussian_score"]], 1).astype(np.float64) - center) * weight
+    ref = d[:, 0] + np.maximum(d[:, 1], 0.0)
     np.testing.assert_allclose(out["image_score"], ref, rtol=1e-4, atol=1e-4)
+    assert (d[:, 1] < 0).any()  # the gate really cut some Gaussian scores here: the relu branch is exercised
 
 
 def test_reproducible_with_seed_and_resumable(tmp_path, synthetic_root):
@@ -159,7 +171,7 @@ def test_bad_data_is_a_clear_error(tmp_path):
 
 
 def test_hard_loss_is_the_mean_above_the_quantile():
-    from train.loop import hard_loss
+    from train.models.efficientad_train import hard_loss
 
     g = torch.Generator().manual_seed(0)
     for n in (10, 1000, 12345):
@@ -192,7 +204,7 @@ def test_student_halves_match_the_full_student(kw):
 
 
 def test_hard_loss_gradients_match_the_plain_form():
-    from train.loop import hard_loss
+    from train.models.efficientad_train import hard_loss
 
     g = torch.Generator().manual_seed(1)
     t = torch.randn(2, 5, 6, 6, generator=g)

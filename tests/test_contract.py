@@ -22,6 +22,8 @@ from runtime.dataset import list_images, read_image
 # one small, fast configuration per registered family (the toy one twice: with and without a Gaussian)
 FAMILY_CASES = {
     "efficientad_lite": dict(steps=3, pretrained=False),
+    "uniad": dict(steps=3, pretrained=False, batch_size=2,
+                  model_kwargs=dict(feature_stride=8, hidden=16, heads=2, encoder_layers=1, decoder_layers=1, ff=32)),
     "toy_mean_patch": dict(steps=1),
     "toy_mean_patch_nogauss": dict(model="toy_mean_patch", steps=1, model_kwargs={"with_gaussian": False}),
 }

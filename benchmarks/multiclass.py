@@ -1,0 +1,142 @@
+"""One unified UniAD for several product classes vs EfficientAD-lite trained separately per class.
+
+    python -m benchmarks.multiclass --data ../shared/data/mvtec_ad/bottle /tmp/mc/board /tmp/mc/fabric \
+        --image-size 192 --steps-per-class 200 --batch-size 4 --name multiclass_3cls.json
+
+Same classes, same per-class budget: each EfficientAD model trains ``--steps-per-class`` steps on
+its class; the unified UniAD trains ``--steps-per-class`` x (number of classes) steps on the mixed
+classes (the same number of images per class, at the same batch size). Per class and mean: image
+AUROC, pixel AUROC, AUPRO (FPR <= 0.3), F1-max; model file size (one artifact vs one per class);
+CPU ms per frame through ONNX Runtime at batch 1. ``--ablation`` adds UniAD runs with each
+anti-shortcut mechanism switched off (neighbour mask, learned queries, feature jitter).
+Result JSON in benchmarks/results/ with machine, command and date.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import write_result
+
+log = logging.getLogger("benchmarks.multiclass")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+ABLATIONS = {"no_neighbor_mask": {"neighbor_mask": False}, "no_learned_query": {"learned_query": False},
+             "no_feature_jitter": {"feature_jitter": False}}
+
+
+def _train(data, out: Path, model: str, steps: int, args, model_kwargs: dict) -> tuple[Path, float]:
+    from train.loop import TrainConfig, train
+
+    cfg = TrainConfig(data=data, out=str(out), model=model, image_size=args.image_size, steps=steps,
+                      batch_size=args.batch_size, seed=args.seed, save_every=0, model_kwargs=model_kwargs)
+    t0 = time.time()
+    ckpt = train(cfg)
+    return ckpt, time.time() - t0
+
+
+def _evaluate(ckpt: Path, classes: list[str]) -> dict:
+    from train.evaluate import evaluate_model
+    from train.loop import load_checkpoint
+
+    model, _ = load_checkpoint(ckpt)
+    res = {}
+    for d in classes:
+        r = evaluate_model(model, d, "cpu")["image_score"]
+        res[Path(d).name] = {k: r[k] for k in METRICS}
+        log.info("%s %s: %s", ckpt.parent.name, Path(d).name, {k: round(v, 4) for k, v in res[Path(d).name].items()})
+    return res
+
+
+def _mean(per_class: dict) -> dict:
+    return {k: float(np.mean([v[k] for v in per_class.values()])) for k in METRICS}
+
+
+def _speed(ckpt: Path, repeats: int) -> dict:
+    """Export (fp32, batch 1), check parity with torch, time ORT at batch 1 on the prepared frame."""
+    from export.onnx_export import export_onnx
+    from runtime.model import Model
+    from train.loop import load_checkpoint, run_outputs
+
+    path = export_onnx(ckpt, ckpt.parent / "model.onnx")
+    m = Model(path, backend="onnxruntime", device="cpu")
+    frames = np.random.default_rng(0).integers(0, 256, (4, m.height, m.width, 3), dtype=np.uint8)
+    torch_model, _ = load_checkpoint(ckpt)
+    ref = run_outputs(torch_model, frames, "cpu", batch=1, keys=("image_score", "anomaly_map"))
+    got = {k: np.concatenate([m.infer(frames[i:i + 1])[k] for i in range(4)]) for k in ("image_score", "anomaly_map")}
+    parity = max(float(np.max(np.abs(got[k] - ref[k]))) for k in got)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        m.infer(frames[:1])
+        times.append((time.perf_counter() - t0) * 1000)
+    size = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+    return {"onnx_bytes": int(size), "ms_per_frame_median": float(np.median(times)), "ms_per_frame_min": float(min(times)),
+            "ort_threads": os.environ.get("EDGEAD_THREADS", "default"), "parity_max_abs": parity,
+            "provider": m.provider}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+", metavar="DIR", help="class folders (MVTec layout)")
+    p.add_argument("--image-size", default="192")
+    p.add_argument("--steps-per-class", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--uniad-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="UniAD option (repeatable), e.g. hidden=128")
+    p.add_argument("--skip-efficientad", action="store_true", help="UniAD (and ablations) only")
+    p.add_argument("--skip-uniad", action="store_true", help="ablations only (with --ablation)")
+    p.add_argument("--ablation", action="store_true", help="also UniAD with each mechanism switched off")
+    p.add_argument("--speed-repeats", type=int, default=30)
+    p.add_argument("--work", default="runs/multiclass")
+    p.add_argument("--name", default="multiclass.json")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from train.cli import parse_model_args
+
+    uni_kw = parse_model_args(args.uniad_arg)
+    work = Path(args.work)
+    classes = list(args.data)
+    n = len(classes)
+    result: dict = {"classes": [Path(d).name for d in classes], "data": classes, "image_size": args.image_size,
+                    "steps_per_class": args.steps_per_class, "batch_size": args.batch_size, "seed": args.seed,
+                    "uniad_kwargs": uni_kw, "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "EDGEAD_THREADS")}}
+    name = args.name
+
+    def save() -> None:
+        write_result(name, result)
+
+    runs = ([] if args.skip_uniad else [("uniad", {})]) + (list(ABLATIONS.items()) if args.ablation else [])
+    for label, off in runs:
+        ckpt, secs = _train(classes, work / label, "uniad", args.steps_per_class * n, args, {**uni_kw, **off})
+        per = _evaluate(ckpt, classes)
+        result[label] = {"switched_off": sorted(off), "steps": args.steps_per_class * n, "train_seconds": secs,
+                         "per_class": per, "mean": _mean(per), "speed": _speed(ckpt, args.speed_repeats) if label == "uniad" else None}
+        save()
+    if not args.skip_efficientad:
+        per, secs, speed = {}, 0.0, None
+        for d in classes:
+            ckpt, s = _train(d, work / f"efficientad_{Path(d).name}", "efficientad_lite", args.steps_per_class, args, {})
+            secs += s
+            per.update(_evaluate(ckpt, [d]))
+            if speed is None:
+                speed = _speed(ckpt, args.speed_repeats)
+                speed["onnx_bytes_all_classes"] = speed["onnx_bytes"] * n
+            result["efficientad_per_class"] = {"steps_each": args.steps_per_class, "train_seconds": secs,
+                                               "per_class": dict(per), "speed": speed}
+            save()
+        result["efficientad_per_class"]["mean"] = _mean(per)
+    if "uniad" in result and "efficientad_per_class" in result:
+        result["uniad_minus_efficientad_mean"] = {k: result["uniad"]["mean"][k] - result["efficientad_per_class"]["mean"][k]
+                                                  for k in METRICS}
+    print(save_path := write_result(name, result))
+    log.info("wrote %s", save_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""UniAD family: shapes, the neighbour mask, each anti-shortcut switch, multi-class training.
+
+Export, calibration and streaming go through tests/test_contract.py (FAMILY_CASES["uniad"]).
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from train.models import create_model
+from train.models.uniad import Attention, jitter_tokens, neighbour_mask
+
+TINY = dict(pretrained=False, feature_stride=8, hidden=16, heads=2, encoder_layers=1, decoder_layers=1, ff=32)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return create_model("uniad", image_size=64, **{**TINY, **kw})
+
+
+def test_shapes_and_outputs():
+    m = _model().eval()
+    frames = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    maps, feats = m.raw(m.preprocess(frames))
+    assert maps.shape == (3, 1, 8, 8) and feats is None and bool((maps >= 0).all())
+    out = m(frames)
+    assert set(out) == {"anomaly_map", "image_score", "map_score", "raw_maps"}
+    assert out["anomaly_map"].shape == (3, 1, 64, 64) and out["image_score"].shape == (3,)
+    assert m.neighbor_size == 5  # automatic: about half of the 8x8 grid, odd
+
+
+def test_neighbour_mask_matches_its_definition():
+    grid, k = (3, 4), 3
+    mask = neighbour_mask(grid, k)
+    assert mask.shape == (12, 12)
+    for i in range(12):
+        for j in range(12):
+            near = abs(i // 4 - j // 4) <= 1 and abs(i % 4 - j % 4) <= 1
+            assert (mask[i, j] == float("-inf")) == near, (i, j)
+
+
+def test_masked_attention_ignores_the_neighbourhood():
+    """With the mask, a query's output does not depend on its neighbours' values, and does on the others'."""
+    torch.manual_seed(0)
+    att = Attention(8, 2).eval()
+    grid = (4, 4)
+    mask = neighbour_mask(grid, 3)
+    x = torch.randn(1, 16, 8)
+    q = 5  # row 1, col 1: its neighbourhood is rows 0-2 x cols 0-2
+    base = att(x, x, x, mask)[0, q]
+    v_near, v_far = x.clone(), x.clone()
+    v_near[0, 10] += 5.0  # row 2, col 2: a neighbour
+    v_far[0, 15] += 5.0  # row 3, col 3: outside
+    torch.testing.assert_close(att(x, x, v_near, mask)[0, q], base)
+    assert not torch.allclose(att(x, x, v_far, mask)[0, q], base)
+    assert not torch.allclose(att(x, x, v_near, None)[0, q], att(x, x, x, None)[0, q])
+
+
+def test_neighbour_mask_switch():
+    on, off = _model(), _model(neighbor_mask=False)
+    assert on.attn_mask is not None and off.attn_mask is None and off.neighbor_size == 0
+    assert _model(neighbor_size=3).neighbor_size == 3
+    with pytest.raises(ValueError, match="odd"):
+        _model(neighbor_size=4)
+    with pytest.raises(ValueError, match="whole"):
+        _model(neighbor_size=9)
+
+
+def test_learned_query_switch():
+    on, off = _model(), _model(learned_query=False)
+    assert "decoder.0.query" in on.state_dict() and "decoder.0.query" not in off.state_dict()
+    assert on.decoder[0].query.shape == (64, 16)
+    # without learned queries the decoder starts from the encoder output: the input reaches every layer's query
+    f = torch.randn(2, off.channels, 8, 8)
+    assert off.eval().reconstruct(f).shape == f.shape
+
+
+def test_feature_jitter_switch_and_scale():
+    f = torch.randn(2, _model().channels, 8, 8)
+    for jitter in (True, False):
+        m = _model(feature_jitter=jitter, dropout=0.0).train()
+        a, b = m.reconstruct(f), m.reconstruct(f)
+        assert torch.equal(a, b) != jitter  # noise only when switched on
+        m.eval()
+        assert torch.equal(m.reconstruct(f), m.reconstruct(f))  # never at inference
+    tokens = torch.ones(4, 100, 50) * 3.0  # norm = 3 * sqrt(50); noise std = norm / D * scale
+    noise = jitter_tokens(tokens, 20.0, torch.Generator().manual_seed(0)) - tokens
+    assert float(noise.std()) == pytest.approx(3.0 * 50 ** 0.5 / 50 * 20.0, rel=0.05)
+
+
+def test_multiclass_training_records_classes(tmp_path):
+    logging.getLogger("train").setLevel(logging.WARNING)
+    from runtime.synthetic import write_dataset
+    from train.loop import TrainConfig, load_checkpoint, run_outputs, train
+
+    dirs = [write_dataset(tmp_path / name, size=64, n_train=10, n_test_good=2, n_per_defect=1, seed=i, product=name)
+            for i, name in enumerate(("board", "tray"))]
+    kw = {k: v for k, v in TINY.items() if k != "pretrained"}
+    cfg = TrainConfig(data=[str(d) for d in dirs], out=str(tmp_path / "run"), model="uniad", image_size=64, steps=4,
+                      batch_size=2, pretrained=False, save_every=0, model_kwargs=kw)
+    ckpt = train(cfg)
+    model, blob = load_checkpoint(ckpt)
+    assert blob["family"] == "uniad" and blob["classes"] == ["board", "tray"]
+    assert blob["train"]["n_fit"] == 18 and blob["train"]["final_loss"]["step"] == 4
+    assert bool(model.calibrated) and float(model.feature_std.min()) > 0
+    frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8).numpy()
+    assert run_outputs(model, frames, "cpu", keys=("image_score",))["image_score"].shape == (2,)

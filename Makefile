@@ -1,6 +1,7 @@
 # edgead: two commands that work on a fresh machine.
 #   make demo   install, then train -> export -> calibrate -> stream on a generated demo (no camera, no downloads)
-#   make test   install, then run the tests (the same command CI runs)
+#   make test   install, then run the tests (the same command CI runs), the native (C++) runtime's included
+#   make native build the C++ runtime (edgead_stream, edgead_bench) into build/native; see docs/native.md
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,12 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO := demo_out
 
-.PHONY: demo test install runtime-only-check clean
+.PHONY: demo test install runtime-only-check native clean
+
+# ONNX Runtime for C++ (not in Debian): fetched once by native/fetch_onnxruntime.sh into this git-ignored folder;
+# point it at your own (JetPack / NVIDIA build) with `make native ORT_ROOT=/path/to/onnxruntime`
+ORT_ROOT ?= $(CURDIR)/.cache/onnxruntime
+NATIVE_BUILD ?= build/native
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,8 +34,16 @@ demo: install
 	$(BIN)/python -m runtime.stream --demo --demo-frames 120 --model $(DEMO)/model.onnx --headless --jsonl $(DEMO)/frames.jsonl --save-ng $(DEMO)/ng --summary $(DEMO)/summary.json
 	@echo "demo done: per-frame decisions in $(DEMO)/frames.jsonl, NG overlays in $(DEMO)/ng/, summary in $(DEMO)/summary.json"
 
-test: install runtime-only-check
-	$(BIN)/python -m pytest -q tests
+test: install runtime-only-check native
+	ONNXRUNTIME_ROOT=$(ORT_ROOT) EDGEAD_NATIVE_BUILD=$(CURDIR)/$(NATIVE_BUILD) $(BIN)/python -m pytest -q tests
+
+# the C++ runtime: Debian packages (installed when missing and root), ONNX Runtime (cached), CMake build
+native:
+	native/install_deps.sh
+	test -f $(ORT_ROOT)/include/onnxruntime_cxx_api.h || native/fetch_onnxruntime.sh $(ORT_ROOT)
+	cmake -S . -B $(NATIVE_BUILD) -DONNXRUNTIME_ROOT=$(ORT_ROOT) > /dev/null
+	cmake --build $(NATIVE_BUILD) -j$$(nproc)
+	@echo "native runtime built: $(NATIVE_BUILD)/edgead_stream, $(NATIVE_BUILD)/edgead_bench (docs/native.md)"
 
 # the runtime must install and import with only its own extra (numpy, OpenCV, onnxruntime): no torch
 runtime-only-check:
@@ -41,4 +55,4 @@ runtime-only-check:
 	.venv-runtime/bin/python -m runtime.stream --help > /dev/null
 
 clean:
-	rm -rf $(VENV) .venv-runtime $(DEMO)
+	rm -rf $(VENV) .venv-runtime $(DEMO) $(NATIVE_BUILD)

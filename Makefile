@@ -39,7 +39,7 @@ test: install runtime-only-check native
 
 # the C++ runtime: Debian packages (installed when missing and root), ONNX Runtime (cached), CMake build
 native:
-	native/install_deps.sh
+	NEED_NPM=$$(test -f $(ORT_ROOT)/include/onnxruntime_cxx_api.h && echo 0 || echo 1) native/install_deps.sh
 	test -f $(ORT_ROOT)/include/onnxruntime_cxx_api.h || native/fetch_onnxruntime.sh $(ORT_ROOT)
 	cmake -S . -B $(NATIVE_BUILD) -DONNXRUNTIME_ROOT=$(ORT_ROOT) > /dev/null
 	cmake --build $(NATIVE_BUILD) -j$$(nproc)

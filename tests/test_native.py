@@ -92,8 +92,8 @@ def _odd_images(folder: Path, synthetic_root: Path) -> None:
     cv2.imwrite(str(folder / "b_bgra_131x203.png"), bgra)
     cv2.imwrite(str(folder / "b_u16_75x150.png"), cv2.resize(img, (150, 75)).astype(np.uint16) * 257 + 3)
     cv2.imwrite(str(folder / "b_tiny_17x23.png"), cv2.resize(img, (23, 17)))
-    for p in sorted(BOTTLE.glob("*/000.png"))[:4] if BOTTLE.is_dir() else []:
-        shutil.copy(p, folder / f"c_bottle_{p.parent.name}.png")
+    for p in sorted(BOTTLE.glob("*/000.*"))[:4] if BOTTLE.is_dir() else []:  # MVTec JPEGs, decoded by each side
+        shutil.copy(p, folder / f"c_bottle_{p.parent.name}{p.suffix}")
 
 
 @pytest.mark.parametrize("fit", ["stretch", "letterbox", "center_crop"])

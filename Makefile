@@ -1,6 +1,7 @@
 # edgead: two commands that work on a fresh machine.
 #   make demo   install, then train -> export -> calibrate -> stream on a generated demo (no camera, no downloads)
-#   make test   install, then run the tests (the same command CI runs)
+#   make test   install, then run the tests (the same command CI runs), the native (C++) runtime's included
+#   make native build the C++ runtime (edgead_stream, edgead_bench) into build/native; see docs/native.md
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,12 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO := demo_out
 
-.PHONY: demo test install runtime-only-check triton-server test-system-deps clean
+.PHONY: demo test install runtime-only-check triton-server test-system-deps native clean
+
+# ONNX Runtime for C++ (not in Debian): fetched once by native/fetch_onnxruntime.sh into this git-ignored folder;
+# point it at your own (JetPack / NVIDIA build) with `make native ORT_ROOT=/path/to/onnxruntime`
+ORT_ROOT ?= $(CURDIR)/.cache/onnxruntime
+NATIVE_BUILD ?= build/native
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,8 +40,17 @@ triton-server: install
 	$(BIN)/python -c "from runtime.triton_local import server_dist, backend_dir, stub_env; \
 	d = server_dist(); backend_dir(d); stub_env(d.parent); print('tritonserver ready:', d)" \
 	|| echo "tritonserver unavailable here: tests/test_triton.py skips its server tests (reason in the test report)"
-test: install runtime-only-check triton-server test-system-deps
-	$(BIN)/python -m pytest -q tests
+
+test: install runtime-only-check triton-server test-system-deps native
+	ONNXRUNTIME_ROOT=$(ORT_ROOT) EDGEAD_NATIVE_BUILD=$(CURDIR)/$(NATIVE_BUILD) $(BIN)/python -m pytest -q tests
+
+# the C++ runtime: Debian packages (installed when missing and root), ONNX Runtime (cached), CMake build
+native:
+	NEED_NPM=$$(test -f $(ORT_ROOT)/include/onnxruntime_cxx_api.h && echo 0 || echo 1) native/install_deps.sh
+	test -f $(ORT_ROOT)/include/onnxruntime_cxx_api.h || native/fetch_onnxruntime.sh $(ORT_ROOT)
+	cmake -S . -B $(NATIVE_BUILD) -DONNXRUNTIME_ROOT=$(ORT_ROOT) > /dev/null
+	cmake --build $(NATIVE_BUILD) -j$$(nproc)
+	@echo "native runtime built: $(NATIVE_BUILD)/edgead_stream, $(NATIVE_BUILD)/edgead_bench (docs/native.md)"
 
 # system programs the operator tests drive for real: a Mosquitto broker and a headless chromium (the web view).
 # Installed with apt as root; otherwise those tests skip and say what to install.
@@ -57,4 +72,4 @@ runtime-only-check:
 	.venv-runtime/bin/python -m runtime.stream --help > /dev/null
 
 clean:
-	rm -rf $(VENV) .venv-runtime $(DEMO)
+	rm -rf $(VENV) .venv-runtime $(DEMO) $(NATIVE_BUILD)

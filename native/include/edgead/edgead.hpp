@@ -1,0 +1,124 @@
+// edgead native runtime: open an exported artifact (model + JSON sidecar) and score frames,
+// with the same preprocessing, decisions and refusals as the Python runtime (runtime/).
+//
+//   edgead::Model model("model.onnx");            // checks the sidecar and the model's SHA-256
+//   edgead::Result r = model.predict(frame_bgr);  // any size, uint8 gray / BGR / BGRA (OpenCV order)
+//   r.image_score, r.is_ng, r.anomaly_map (CV_32F, graph input size), r.scores (extra named [N] outputs)
+//
+// No global state. A Model is not meant to be shared between threads: open one per thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <opencv2/core.hpp>
+
+namespace edgead {
+
+// Sidecar formats this runtime reads (it reads only keys common to them: format, model_file,
+// model_sha256, input, outputs, thresholds).
+constexpr int kMinSidecarFormat = 1;
+constexpr int kMaxSidecarFormat = 2;
+
+// A model, sidecar or frame that cannot be used as it is; what() is one line saying what to do.
+// Programs map it to exit code 2, like the Python CLIs.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// What the graph's input tensor is (sidecar "input"). Frames are fitted on the host to height x width.
+struct InputSpec {
+  int height = 0;
+  int width = 0;
+  std::string layout = "NHWC";
+  std::string dtype = "uint8";
+  std::string color_order = "BGR";  // BGR (OpenCV's order, frames go in unconverted) or RGB
+  int batch = 1;                    // fixed batch size of the graph, or -1 = dynamic
+  std::string resize = "area";      // area | linear | nearest (OpenCV interpolation)
+  std::string fit = "stretch";      // stretch | letterbox | center_crop
+};
+
+// The parts of the sidecar the native runtime needs.
+struct Sidecar {
+  int format = 0;
+  std::string model_file;
+  std::string model_sha256;
+  InputSpec input;
+  std::vector<std::string> outputs;  // declared output names, in sidecar order
+  double threshold_image = 0.0;      // image_score >= this -> NG
+  double threshold_pixel = 0.1;
+};
+
+// Read and validate the sidecar next to model_path (model.onnx -> model.onnx.json); throws Error.
+Sidecar read_sidecar(const std::string& model_path, bool verify_hash = true);
+
+// Lower-case hex SHA-256 of a file's bytes; throws Error if it cannot be read.
+std::string file_sha256(const std::string& path);
+
+// Integer geometry of a fit policy, identical to runtime.preprocess.fit_geometry:
+// crop = region of the frame, paste = where the resized crop goes in the output.
+struct FitGeometry {
+  cv::Rect crop;
+  cv::Rect paste;
+};
+FitGeometry fit_geometry(int frame_h, int frame_w, int height, int width, const std::string& fit);
+
+// Any uint8 (or uint16) gray / gray+1 / BGR / BGRA image -> HxWx3 BGR uint8 (runtime.preprocess.as_bgr).
+cv::Mat as_bgr(const cv::Mat& image);
+
+// Frame of any size -> (height, width, 3) BGR uint8, byte-identical to runtime.preprocess.fit_frame.
+cv::Mat fit_frame(const cv::Mat& frame, int height, int width, const std::string& resize = "area",
+                  const std::string& fit = "stretch");
+
+// Scores of one frame.
+struct Result {
+  float image_score = 0.f;
+  bool is_ng = false;
+  cv::Mat anomaly_map;                                // CV_32FC1, graph input size (height x width)
+  std::vector<std::pair<std::string, float>> scores;  // every other [N]-shaped output, in graph order
+};
+
+struct Options {
+  std::string backend = "auto";  // auto (from the file suffix) | onnxruntime | tensorrt
+  int threads = 0;               // ONNX Runtime intra-op threads; 0 = EDGEAD_THREADS or ORT's default
+  bool verify_hash = true;
+  int warmup = 2;                // runs on a black batch at open, so the first frame is not slow
+};
+
+class Model {
+ public:
+  explicit Model(const std::string& path, const Options& options = Options());
+  ~Model();
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  // Frame(s) of any size -> results. prepare + infer in one call.
+  Result predict(const cv::Mat& frame);
+  std::vector<Result> predict(const std::vector<cv::Mat>& frames);
+
+  // Frame -> (height, width, 3) uint8 in the graph's colour order (what the graph receives).
+  cv::Mat prepare(const cv::Mat& frame) const;
+  // Prepared frames -> results; splits / pads to a fixed graph batch size.
+  std::vector<Result> infer(const std::vector<cv::Mat>& prepared);
+
+  const Sidecar& sidecar() const;
+  const InputSpec& input() const;
+  double threshold() const;
+  std::string provider() const;  // e.g. "onnxruntime:CPUExecutionProvider", "tensorrt"
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Backends compiled into this build ("onnxruntime", and "tensorrt" when CMake found TensorRT).
+std::vector<std::string> available_backends();
+
+}  // namespace edgead

@@ -1,0 +1,421 @@
+// edgead_stream: score a camera / video / RTSP / GStreamer / image-folder stream frame by frame,
+// one JSON line per frame with the fields of `python -m runtime.stream --jsonl`, a summary at the end
+// or on Ctrl-C / SIGTERM. Exit codes as the Python CLI: 0 ok, 1 the stream stopped on an error,
+// 2 bad arguments / model / source (one line on stderr saying what to do).
+#include <atomic>
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include "common.hpp"
+#include "edgead/edgead.hpp"
+#include "sources.hpp"
+
+namespace fs = std::filesystem;
+using json = nlohmann::ordered_json;
+using Clock = std::chrono::steady_clock;
+using namespace edgead;
+using namespace edgead::tools;
+
+namespace {
+
+volatile std::sig_atomic_t g_signal = 0;  // the only process-wide state: which signal asked us to stop
+extern "C" void on_signal(int sig) { g_signal = sig; }
+
+const char* kUsage =
+    "usage: edgead_stream (--camera N | --video FILE | --rtsp URL | --gstreamer PIPELINE | --images DIR) --model MODEL\n"
+    "                     [--backend auto|onnxruntime|tensorrt] [--threads N] [--batch N] [--policy latest|block]\n"
+    "                     [--max-frames N] [--jsonl PATH|-] [--save-ng DIR] [--save-maps DIR] [--summary PATH] [-q]\n"
+    "\n"
+    "Score a live stream frame by frame: image score, anomaly map, OK/NG (the native twin of python -m runtime.stream).\n"
+    "  --camera N        camera index (0 = first camera)\n"
+    "  --video FILE      video file (every frame is scored)\n"
+    "  --rtsp URL        RTSP URL (reconnects with back-off)\n"
+    "  --gstreamer P     GStreamer pipeline ending in appsink (Jetson CSI cameras)\n"
+    "  --images DIR      folder of images (sorted by name)\n"
+    "  --model MODEL     model.onnx / model.engine (sidecar MODEL.json next to it)\n"
+    "  --backend B       auto (from the suffix), onnxruntime or tensorrt\n"
+    "  --threads N       ONNX Runtime intra-op threads (default: EDGEAD_THREADS or all cores)\n"
+    "  --batch N         micro-batch size (default 1)\n"
+    "  --policy P        latest: drop stale frames (live default); block: score all (file default)\n"
+    "  --max-frames N    stop after this many captured frames\n"
+    "  --jsonl PATH      write per-frame JSON lines here instead of stdout ('-' = stdout)\n"
+    "  --save-ng DIR     save NG frames with their heat-map overlay\n"
+    "  --save-maps DIR   save every anomaly map as float32 .npy (map_<frame_id>.npy)\n"
+    "  --summary PATH    write the end-of-run summary JSON here\n"
+    "  -q, --quiet       no per-frame JSON on stdout\n";
+
+struct Args {
+  std::string kind, target, model, backend = "auto", policy, jsonl, save_ng, save_maps, summary;
+  int threads = 0, batch = 1;
+  long max_frames = -1;
+  bool quiet = false;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  auto need = [&](int& i) -> std::string {
+    if (i + 1 >= argc) throw std::invalid_argument(std::string(argv[i]) + " needs a value");
+    return argv[++i];
+  };
+  auto as_int = [](const std::string& flag, const std::string& v) {
+    try {
+      size_t n = 0;
+      const long x = std::stol(v, &n);
+      if (n != v.size()) throw std::invalid_argument(v);
+      return x;
+    } catch (const std::exception&) {
+      throw std::invalid_argument(flag + " " + v + ": give a whole number");
+    }
+  };
+  int sources = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string f = argv[i];
+    if (f == "-h" || f == "--help") {
+      std::fputs(kUsage, stdout);
+      std::exit(0);
+    } else if (f == "--camera" || f == "--video" || f == "--rtsp" || f == "--gstreamer" || f == "--images") {
+      a.kind = f.substr(2);
+      a.target = need(i);
+      ++sources;
+    } else if (f == "--model") a.model = need(i);
+    else if (f == "--backend") a.backend = need(i);
+    else if (f == "--threads") a.threads = static_cast<int>(as_int(f, need(i)));
+    else if (f == "--batch") a.batch = static_cast<int>(as_int(f, need(i)));
+    else if (f == "--policy") a.policy = need(i);
+    else if (f == "--max-frames") a.max_frames = as_int(f, need(i));
+    else if (f == "--jsonl") a.jsonl = need(i);
+    else if (f == "--save-ng") a.save_ng = need(i);
+    else if (f == "--save-maps") a.save_maps = need(i);
+    else if (f == "--summary") a.summary = need(i);
+    else if (f == "-q" || f == "--quiet") a.quiet = true;
+    else throw std::invalid_argument("unknown argument " + f + " (see --help)");
+  }
+  if (sources != 1)
+    throw std::invalid_argument("choose exactly one source: --camera N, --video FILE, --rtsp URL, --gstreamer PIPELINE or --images DIR");
+  if (a.model.empty()) throw std::invalid_argument("--model is required (model.onnx with its sidecar model.onnx.json)");
+  if (!a.policy.empty() && a.policy != "latest" && a.policy != "block")
+    throw std::invalid_argument("--policy " + a.policy + ": choose latest or block");
+  if (a.batch < 1) throw std::invalid_argument("--batch must be >= 1");
+  return a;
+}
+
+struct Item {
+  long fid;
+  double ts;               // wall clock, seconds since the epoch
+  Clock::time_point tcap;  // when the frame was captured
+  cv::Mat frame;
+};
+
+// Bounded frame buffer: "latest" drops the oldest when full, "block" makes the producer wait.
+class Buffer {
+ public:
+  Buffer(size_t capacity, bool latest) : capacity_(capacity), latest_(latest) {}
+
+  bool put(Item item) {
+    std::unique_lock<std::mutex> lk(m_);
+    while (!latest_ && items_.size() >= capacity_ && !closed_) cv_.wait_for(lk, std::chrono::milliseconds(100));
+    if (closed_) return false;
+    if (items_.size() >= capacity_) {
+      items_.pop_front();
+      ++dropped;
+    }
+    items_.push_back(std::move(item));
+    ++captured;
+    cv_.notify_all();
+    return true;
+  }
+
+  // Up to n items; empty on timeout; false once closed and empty.
+  bool take(size_t n, std::vector<Item>& out, std::chrono::milliseconds timeout) {
+    out.clear();
+    std::unique_lock<std::mutex> lk(m_);
+    if (items_.empty()) {
+      if (closed_) return false;
+      cv_.wait_for(lk, timeout);
+      if (items_.empty()) return !closed_;
+    }
+    const size_t k = std::min(n, items_.size());
+    for (size_t i = 0; i < k; ++i) {
+      out.push_back(std::move(items_.front()));
+      items_.pop_front();
+    }
+    cv_.notify_all();
+    return true;
+  }
+
+  void close() {
+    std::lock_guard<std::mutex> lk(m_);
+    closed_ = true;
+    cv_.notify_all();
+  }
+
+  std::atomic<long> dropped{0}, captured{0};
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::deque<Item> items_;
+  size_t capacity_;
+  bool latest_;
+  bool closed_ = false;
+};
+
+// Everything the capture thread touches, shared so a thread stuck in a dead camera's read() can be left behind.
+struct Capture {
+  std::unique_ptr<Source> source;
+  std::unique_ptr<Buffer> buffer;
+  std::atomic<bool> stop{false}, done{false};
+  std::mutex m;
+  std::condition_variable cv;
+  std::string error;
+  long max_frames = -1;
+};
+
+void capture_loop(std::shared_ptr<Capture> c) {
+  long fid = 0;
+  try {
+    cv::Mat frame;
+    while (!c->stop && c->source->read(frame)) {
+      if (!c->buffer->put({fid, wall_seconds(), Clock::now(), frame})) break;
+      frame = cv::Mat();  // the buffer owns that one; decode the next into fresh memory
+      ++fid;
+      if (c->max_frames >= 0 && fid >= c->max_frames) break;
+    }
+  } catch (const std::exception& e) {  // reported by the scoring loop, which owns the summary
+    std::lock_guard<std::mutex> lk(c->m);
+    c->error = e.what();
+  }
+  c->buffer->close();
+  {
+    std::lock_guard<std::mutex> lk(c->m);
+    c->done = true;
+  }
+  c->cv.notify_all();
+}
+
+// Heat-map overlay (red = anomalous) with score and OK/NG at the frame's own size (runtime.stream.overlay).
+cv::Mat overlay(const cv::Mat& frame, const cv::Mat& map, float score, bool ng, double pixel_thr) {
+  cv::Mat m, heat8, heat, out;
+  cv::resize(map, m, frame.size(), 0, 0, cv::INTER_LINEAR);
+  m.convertTo(heat8, CV_8U, 255.0 / (2 * pixel_thr));  // saturates like np.clip(..., 0, 255)
+  cv::applyColorMap(heat8, heat, cv::COLORMAP_JET);
+  cv::addWeighted(frame, 0.6, heat, 0.4, 0, out);
+  const double scale = std::max(0.5, frame.cols / 800.0);
+  char text[64];
+  std::snprintf(text, sizeof text, "%s  %.2f", ng ? "NG" : "OK", score);
+  cv::putText(out, text, cv::Point(10, static_cast<int>(30 * scale)), cv::FONT_HERSHEY_SIMPLEX, scale,
+              ng ? cv::Scalar(0, 0, 255) : cv::Scalar(0, 200, 0), std::max(1, static_cast<int>(2 * scale)), cv::LINE_AA);
+  return out;
+}
+
+// float32 HxW map -> .npy (format 1.0), readable with numpy.load.
+bool write_npy(const std::string& path, const cv::Mat& map) {
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(map.rows) + ", " +
+                       std::to_string(map.cols) + "), }";
+  const size_t unpadded = 10 + header.size() + 1;
+  header.append((64 - unpadded % 64) % 64, ' ');
+  header += '\n';
+  std::ofstream f(path, std::ios::binary);
+  const uint16_t hlen = static_cast<uint16_t>(header.size());
+  f.write("\x93NUMPY\x01\x00", 8);
+  f.write(reinterpret_cast<const char*>(&hlen), 2);
+  f << header;
+  cv::Mat c = map.isContinuous() ? map : map.clone();
+  f.write(reinterpret_cast<const char*>(c.data), static_cast<std::streamsize>(c.total() * sizeof(float)));
+  return static_cast<bool>(f);
+}
+
+std::string frame_name(const std::string& prefix, long fid, const char* ext) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%s_%06ld%s", prefix.c_str(), fid, ext);
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args args;
+  std::shared_ptr<Capture> cap = std::make_shared<Capture>();
+  std::unique_ptr<Model> model;
+  try {
+    args = parse_args(argc, argv);
+    cap->source = open_source(args.kind, args.target);
+    Options opt;
+    opt.backend = args.backend;
+    opt.threads = args.threads;
+    model = std::make_unique<Model>(args.model, opt);
+    if (!args.save_ng.empty()) fs::create_directories(args.save_ng);
+    if (!args.save_maps.empty()) fs::create_directories(args.save_maps);
+  } catch (const std::exception& e) {  // SourceError, edgead::Error, bad arguments, unwritable folders
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
+  const auto& in = model->input();
+  log_line("INFO", "model " + fs::path(args.model).filename().string() + " on " + model->provider() + " (input " +
+                       std::to_string(in.height) + "x" + std::to_string(in.width) + " " + in.color_order + ", batch " +
+                       (in.batch > 0 ? std::to_string(in.batch) : std::string("dynamic")) + ")");
+
+  std::FILE* sink = nullptr;
+  bool own_sink = false;
+  if (!args.jsonl.empty() && args.jsonl != "-") {
+    sink = std::fopen(args.jsonl.c_str(), "w");
+    if (!sink) {
+      std::fprintf(stderr, "error: cannot write --jsonl %s; check the folder exists and is writable\n", args.jsonl.c_str());
+      return 2;
+    }
+    own_sink = true;
+  } else if (!args.quiet) {
+    sink = stdout;
+  }
+
+  const bool latest = args.policy.empty() ? cap->source->live : args.policy == "latest";
+  const size_t batch = static_cast<size_t>(args.batch);
+  cap->buffer = std::make_unique<Buffer>(latest ? batch : 4 * batch, latest);
+  cap->max_frames = args.max_frames;
+
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_signal;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+
+  json summary;
+  long scored = 0, ng_count = 0;
+  std::vector<double> lat, model_t;
+  std::vector<std::string> ng_saved;
+  double busy = 0.0;
+  std::string stopped_by = "end of stream", error;
+  const double pixel_thr = model->sidecar().threshold_pixel;
+
+  const auto t_start = Clock::now();
+  auto last_report = t_start;
+  std::thread(capture_loop, cap).detach();  // joined below through cap->done (bounded wait)
+  std::vector<Item> items;
+  try {
+    while (!g_signal) {
+      if (!cap->buffer->take(batch, items, std::chrono::milliseconds(100))) break;
+      if (items.empty()) continue;
+      const auto t_busy = Clock::now();
+      std::vector<cv::Mat> prepared;
+      for (const auto& it : items) prepared.push_back(model->prepare(it.frame));
+      const auto t0 = Clock::now();
+      const std::vector<Result> res = model->infer(prepared);
+      const auto t1 = Clock::now();
+      const double per_frame_model = std::chrono::duration<double>(t1 - t0).count() / items.size();
+      for (size_t i = 0; i < items.size(); ++i) {
+        const Item& it = items[i];
+        const Result& r = res[i];
+        const double latency = std::chrono::duration<double, std::milli>(Clock::now() - it.tcap).count();
+        lat.push_back(latency);
+        model_t.push_back(per_frame_model * 1e3);
+        ng_count += r.is_ng;
+        json rec;
+        rec["timestamp"] = round_to(it.ts, 6);
+        rec["frame_id"] = it.fid;
+        rec["score"] = round_to(r.image_score, 6);
+        json scores = json::object();
+        for (const auto& kv : r.scores) scores[kv.first] = round_to(kv.second, 6);
+        rec["scores"] = scores;
+        rec["decision"] = r.is_ng ? "NG" : "OK";
+        rec["latency_ms"] = round_to(latency, 3);
+        rec["model_ms"] = round_to(per_frame_model * 1e3, 3);
+        if (r.is_ng && !args.save_ng.empty()) {
+          const std::string path = (fs::path(args.save_ng) / frame_name("ng", it.fid, ".jpg")).string();
+          if (!cv::imwrite(path, overlay(it.frame, r.anomaly_map, r.image_score, true, pixel_thr)))
+            throw std::runtime_error("cannot write " + path + "; check --save-ng is writable and has space");
+          rec["saved"] = path;
+          ng_saved.push_back(path);
+        }
+        if (!args.save_maps.empty()) {
+          const std::string path = (fs::path(args.save_maps) / frame_name("map", it.fid, ".npy")).string();
+          if (!write_npy(path, r.anomaly_map)) throw std::runtime_error("cannot write " + path);
+        }
+        if (sink) {  // one complete line per write, flushed: a reader (or a Ctrl-C) never sees half a line
+          const std::string line = rec.dump() + "\n";
+          std::fwrite(line.data(), 1, line.size(), sink);
+          std::fflush(sink);
+        }
+      }
+      scored += static_cast<long>(items.size());
+      const auto now = Clock::now();
+      busy += std::chrono::duration<double>(now - t_busy).count();
+      if (std::chrono::duration<double>(now - last_report).count() >= 5.0) {
+        last_report = now;
+        std::vector<double> recent(lat.end() - std::min<size_t>(lat.size(), 200), lat.end());
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "%.1f fps | latency p50 %.1f ms p99 %.1f ms | dropped %ld | NG %ld",
+                      scored / std::chrono::duration<double>(now - t_start).count(), percentile(recent, 50),
+                      percentile(recent, 99), cap->buffer->dropped.load(), ng_count);
+        log_line("INFO", buf);
+      }
+    }
+  } catch (const std::exception& e) {  // keep what was scored; report the cause in one line
+    stopped_by = "error";
+    error = e.what();
+    log_line("ERROR", "stream stopped: " + error);
+  }
+  if (g_signal && stopped_by != "error") stopped_by = g_signal == SIGINT ? "Ctrl-C" : "SIGTERM";
+  cap->stop = true;
+  cap->buffer->close();
+  {
+    std::unique_lock<std::mutex> lk(cap->m);
+    if (!cap->cv.wait_for(lk, std::chrono::seconds(5), [&] { return cap->done.load(); }))
+      log_line("WARNING", "capture thread did not stop within 5 s (source blocked); leaving it");
+    else
+      cap->source->close();
+    if (!cap->error.empty() && error.empty()) {
+      stopped_by = "error";
+      error = cap->error;
+    }
+  }
+  if (sink) std::fflush(sink);
+  if (own_sink) std::fclose(sink);
+
+  const double wall = std::chrono::duration<double>(Clock::now() - t_start).count();
+  summary["frames_scored"] = scored;
+  summary["frames_captured"] = cap->buffer->captured.load();
+  summary["frames_dropped"] = cap->buffer->dropped.load();
+  summary["ng_count"] = ng_count;
+  summary["wall_seconds"] = round_to(wall, 3);
+  summary["fps"] = 0.0;
+  summary["latency_ms_p50"] = 0.0;
+  summary["latency_ms_p90"] = 0.0;
+  summary["latency_ms_p99"] = 0.0;
+  summary["model_ms_mean"] = 0.0;
+  summary["overhead_fraction"] = 0.0;
+  summary["idle_fraction"] = 0.0;
+  if (scored > 0) {
+    double model_sum = 0;
+    for (double m : model_t) model_sum += m;
+    summary["fps"] = round_to(scored / wall, 2);
+    summary["latency_ms_p50"] = round_to(percentile(lat, 50), 3);
+    summary["latency_ms_p90"] = round_to(percentile(lat, 90), 3);
+    summary["latency_ms_p99"] = round_to(percentile(lat, 99), 3);
+    summary["model_ms_mean"] = round_to(model_sum / model_t.size(), 3);
+    summary["overhead_fraction"] = round_to(std::max(0.0, 1 - model_sum / 1e3 / busy), 4);
+    summary["idle_fraction"] = round_to(std::max(0.0, 1 - busy / wall), 4);
+  }
+  summary["provider"] = model->provider();
+  summary["stopped_by"] = stopped_by;
+  summary["error"] = error.empty() ? json(nullptr) : json(error);
+  summary["ng_saved"] = ng_saved;
+  const std::string text = summary.dump(2);
+  log_line("INFO", "summary:\n" + text);
+  if (!args.summary.empty() && !atomic_write_text(args.summary, text + "\n")) {
+    std::fprintf(stderr, "error: cannot write --summary %s; check the folder exists and is writable\n", args.summary.c_str());
+    return 2;
+  }
+  return error.empty() ? 0 : 1;
+}

@@ -1,0 +1,33 @@
+// Frame sources for edgead_stream: camera, video file, RTSP, GStreamer, image folder (as runtime/sources.py).
+#pragma once
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <opencv2/core.hpp>
+#include <opencv2/videoio.hpp>
+
+namespace edgead {
+
+// A source that cannot be opened or read; the message says what to check.
+class SourceError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class Source {
+ public:
+  virtual ~Source() = default;
+  // Next frame (BGR uint8); false at the end of the stream.
+  virtual bool read(cv::Mat& frame) = 0;
+  virtual void close() {}
+  bool live = false;  // frames arrive on their own clock (camera, RTSP): drop stale ones
+  std::string name = "source";
+};
+
+// kind: camera | video | rtsp | gstreamer | images
+std::unique_ptr<Source> open_source(const std::string& kind, const std::string& target);
+
+}  // namespace edgead

@@ -56,7 +56,7 @@ def test_missing_and_malformed_sidecar(tmp_path):
         read_sidecar(m)
     sidecar_path(m).write_text(json.dumps({"format": 2, "model_file": "m.onnx", "model_sha256": "",
                                            "input": {"height": 8, "width": 8}, "roles": {"image_score": "maybe"}}))
-    with pytest.raises(ArtifactError, match="unknown output roles"):
+    with pytest.raises(ArtifactError, match="roles must map output names"):
         read_sidecar(m)
     with pytest.raises(ArtifactError, match="model file not found"):
         read_sidecar(tmp_path / "nope.onnx")
@@ -112,7 +112,9 @@ def test_sidecar_rewrite_keeps_mode(tmp_path, umask_022):
     import os
 
     m = _model(tmp_path)
-    write_sidecar(m, Sidecar(model_file="", model_sha256="", input=InputSpec(8, 8)))
+    write_sidecar(m, Sidecar(model_file="", model_sha256="", input=InputSpec(8, 8),
+                             outputs={"anomaly_map": "map", "image_score": "score"},
+                             roles={"anomaly_map": "required", "image_score": "required"}))
     assert sidecar_path(m).stat().st_mode & 0o777 == 0o644
     os.chmod(sidecar_path(m), 0o640)
     write_sidecar(m, read_sidecar(m))

@@ -1,4 +1,4 @@
-"""Memory banks of patch features (PatchCore-style families): the coreset, in numpy, and field refits.
+"""Memory banks of patch features (memory-bank families): the coreset, in numpy, and field refits.
 
 A graph that declares a memory (sidecar ``family_params["memory"]``, written by export from the
 model's ``family_params()``) scores each patch by its distance to the nearest row of a named
@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- coreset
 def greedy_coreset(features: np.ndarray, n: int, projection_dim: int | None = 128, seed: int = 0,
                    progress: bool = True) -> np.ndarray:
-    """Indices of ``n`` rows of ``features`` chosen by greedy k-center (PatchCore's coreset).
+    """Indices of ``n`` rows of ``features`` chosen by greedy k-center (the greedy coreset of Roth et al.).
 
     features: float32 [P,C] patch features. Each step adds the row farthest from the rows chosen so
     far, so the coreset covers the feature space with the smallest radius greedy search finds.
     projection_dim: distances are computed on a Gaussian random projection to this many dimensions
-    (Johnson-Lindenstrauss; PatchCore's speed-up), None or >= C: on the features themselves.
+    (Johnson-Lindenstrauss; as Roth et al. do), None or >= C: on the features themselves.
     Returns int64 [min(n, P)] indices, in selection order.
     """
     x = np.asarray(features, np.float32)

@@ -22,6 +22,7 @@ from runtime.dataset import list_images, read_image
 # one small, fast configuration per registered family (the toy one twice: with and without a Gaussian)
 FAMILY_CASES = {
     "efficientad_lite": dict(steps=3, pretrained=False),
+    "generalad_lite": dict(steps=3, batch_size=2, pretrained=False, model_kwargs={"hidden": 16, "heads": 2}),
     "toy_mean_patch": dict(steps=1),
     "toy_mean_patch_nogauss": dict(model="toy_mean_patch", steps=1, model_kwargs={"with_gaussian": False}),
 }

@@ -5,3 +5,4 @@ registers every family.
 """
 from .registry import build_from_config, create_model, list_families, list_models, register_family, register_model  # noqa: F401
 from . import efficientad  # noqa: F401  (registers its models)
+from . import generalad  # noqa: F401  (registers its models)

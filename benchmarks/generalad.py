@@ -84,8 +84,8 @@ def main() -> None:
     for variant in args.variants:
         tag = variant.replace(",", "+")
         cfg = TrainConfig(data=args.data, out=str(work / f"{cls}_{tag}"), model="generalad_lite", image_size=args.image_size,
-                          steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=0,
-                          model_kwargs={"distortions": variant, **extra})
+                          steps=args.steps, batch_size=args.batch_size, seed=args.seed, save_every=0,
+                          model_kwargs={"distortions": variant, "learning_rate": args.lr, **extra})
         t0 = time.time()
         ckpt = train(cfg)
         model, blob = load_checkpoint(ckpt)
@@ -94,6 +94,11 @@ def main() -> None:
                "total_train_seconds": time.time() - t0,
                "validation_painted": painted_validation(model, val, args.seed),
                "test": evaluate_model(model, args.data, "cpu")["image_score"]}
+        manifest = Path(args.data) / "manifest.json"
+        if manifest.is_file():  # synthetic data: mean per-defect AUROC of the structural and the logical defects
+            man = json.loads(manifest.read_text())
+            row["families"] = {fam: float(np.mean([row["test"]["per_defect_auroc"][d] for d in man[fam]]))
+                               for fam in ("structural", "logical")}
         log.info("%s: val painted %s | test %s", variant, row["validation_painted"],
                  {k: row["test"][k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")})
         rows.append(row)
@@ -115,12 +120,13 @@ def main() -> None:
                                  model_kwargs={"teacher_pool": 1}))
         payload["efficientad_lite_ort_cpu_batch1"] = ort_ms_per_frame(export_onnx(base, work / "efficientad_speed.onnx"), frame)
     eff = Path(args.efficientad_result)
-    if eff.is_file():
+    if eff.is_file() and "metrics" in json.loads(eff.read_text()):
         e = json.loads(eff.read_text())
         m = e["metrics"].get("puad") or e["metrics"].get("image_score")
         payload["efficientad_lite_stored"] = {"file": eff.name, "steps": e.get("steps"), "batch_size": e.get("batch_size"),
                                               "train_seconds": e.get("train_seconds"),
-                                              "metrics": {k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}}
+                                              "metrics": {k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
+                                              **({"families": e["families"]} if "families" in e else {})}
     name = args.name or f"generalad_{cls}_{args.image_size}_{args.steps}x{args.batch_size}.json"
     print(write_result(name, payload))
 

@@ -73,8 +73,8 @@ def test_tiny_model_trains_and_its_loss_falls(tmp_path, synthetic_root):
     from train.loop import TrainConfig, load_checkpoint, train
 
     cfg = TrainConfig(data=str(synthetic_root), out=str(tmp_path / "run"), model="generalad_lite", image_size=64,
-                      steps=40, batch_size=4, lr=3e-3, seed=0, save_every=0, pretrained=False,
-                      model_kwargs={"hidden": 16, "heads": 2, "distortions": "noise"})
+                      steps=40, batch_size=4, seed=0, save_every=0, pretrained=False,
+                      model_kwargs={"hidden": 16, "heads": 2, "distortions": "noise", "learning_rate": 3e-3})
     ckpt = train(cfg)
     model, blob = load_checkpoint(ckpt)
     assert model.family == "generalad" and blob["family"] == "generalad"
@@ -93,7 +93,7 @@ def test_export_parity_with_onnxruntime(tmp_path, synthetic_root):
     from train.loop import TrainConfig, load_checkpoint, run_outputs, train
 
     cfg = TrainConfig(data=str(synthetic_root), out=str(tmp_path / "run"), model="generalad_lite", image_size=64,
-                      steps=5, batch_size=2, lr=3e-3, seed=0, save_every=0, pretrained=False,
+                      steps=5, batch_size=2, seed=0, save_every=0, pretrained=False,
                       model_kwargs={"hidden": 16, "heads": 2})
     ckpt = train(cfg)
     path = export_onnx(ckpt, tmp_path / "model.onnx")

@@ -57,6 +57,7 @@ class GeneralADConfig(FamilyConfig):
     noise_std: float = 0.25  # Gaussian noise strength, in units of the z-scored features' std
     distort_fraction: tuple[float, float] = (0.02, 0.25)  # fraction of patches distorted per image
     clean_fraction: float = 0.25  # share of each batch left undistorted (all-negative targets)
+    learning_rate: float = 1e-3  # Adam, discriminator only (TrainConfig.lr is EfficientAD's 1e-4: too slow here)
     map_blur_px: float = 4.0
 
 
@@ -318,14 +319,14 @@ def balanced_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def fit_generalad(model: GeneralAD, fit_frames: np.ndarray, train_cfg, device: str) -> dict:
-    """BCE of the discriminator on normal vs distorted patches, Adam (lr = train_cfg.lr), train_cfg.steps steps."""
+    """BCE of the discriminator on normal vs distorted patches, Adam (cfg.learning_rate), train_cfg.steps steps."""
     from tqdm import tqdm
 
     t0 = time.time()
     kinds = parse_distortions(model.cfg.distortions)
     cache = token_cache(model, fit_frames, device)
     gen = torch.Generator().manual_seed(int(train_cfg.seed))
-    opt = torch.optim.Adam(model.discriminator.parameters(), lr=float(train_cfg.lr),
+    opt = torch.optim.Adam(model.discriminator.parameters(), lr=float(model.cfg.learning_rate),
                            weight_decay=float(train_cfg.weight_decay))
     batch = max(1, int(train_cfg.batch_size))
     history = []

@@ -24,6 +24,7 @@ FAMILY_CASES = {
     "efficientad_lite": dict(steps=3, pretrained=False),
     "uniad": dict(steps=3, pretrained=False, batch_size=2,
                   model_kwargs=dict(feature_stride=8, hidden=16, heads=2, encoder_layers=1, decoder_layers=1, ff=32)),
+    "generalad_lite": dict(steps=3, batch_size=2, pretrained=False, model_kwargs={"hidden": 16, "heads": 2}),
     "toy_mean_patch": dict(steps=1),
     # small memories: the plumbing of the contract; the memory bank's own accuracy/size trade-off is benchmarked
     "patchcore_lite": dict(steps=1, model_kwargs={"memory_size": 256}),

@@ -1,0 +1,135 @@
+"""GeneralAD on one MVTec class (or the synthetic tray): accuracy, distortion ablation, CPU speed, EfficientAD beside it.
+
+    nice -n 10 python -m benchmarks.generalad --data ../shared/data/mvtec_ad/bottle --steps 300 --batch-size 8
+
+Per distortion variant (``--variants``, each a comma list of distortions; the first is the default model):
+train (frozen backbone, discriminator only) -> image AUROC / pixel AUROC / AUPRO / F1-max on the test split
+(``train.evaluate.evaluate_model``) and, for choosing a variant without test images, image/pixel AUROC on
+validation good images with painted defects (``calibration.synthetic_defects``). The variant with the best
+validation score is exported to ONNX and timed with ONNX Runtime at batch 1 (ms/frame). EfficientAD-lite
+numbers are read from a stored result (``--efficientad-result``), not retrained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, write_result
+
+log = logging.getLogger("benchmarks.generalad")
+
+
+def painted_validation(model, val_frames: np.ndarray, seed: int = 0) -> dict:
+    """Image/pixel AUROC of the deployed outputs on validation good frames vs the same frames with painted defects."""
+    from calibration.synthetic_defects import paint_defects
+    from train.loop import run_outputs
+    from calibration.metrics import auroc
+
+    bad, masks, _ = paint_defects(val_frames, per_image=2, seed=seed)
+    good = run_outputs(model, val_frames, "cpu", keys=("image_score", "anomaly_map"))
+    ng = run_outputs(model, bad, "cpu", keys=("image_score", "anomaly_map"))
+    img = auroc(np.r_[np.zeros(len(val_frames)), np.ones(len(bad))], np.r_[good["image_score"], ng["image_score"]])
+    maps = np.concatenate([good["anomaly_map"][:, 0], ng["anomaly_map"][:, 0]])
+    gt = np.concatenate([np.zeros((len(val_frames),) + maps.shape[1:], np.uint8), masks])
+    pix = auroc(gt.ravel()[::7], maps.ravel()[::7])
+    return {"image_auroc": float(img), "pixel_auroc": float(pix), "n_good": int(len(val_frames)), "n_painted": int(len(bad))}
+
+
+def ort_ms_per_frame(onnx_path: Path, frame: np.ndarray, iters: int = 30) -> dict:
+    """ONNX Runtime CPU latency at batch 1 (graph only: the frame is already at the input size)."""
+    from runtime.model import Model
+
+    model = Model(onnx_path)
+    x = frame[None]
+    for _ in range(3):
+        model.infer(x)
+    ms = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        model.infer(x)
+        ms.append((time.perf_counter() - t) * 1e3)
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "iters": iters}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="../shared/data/mvtec_ad/bottle")
+    p.add_argument("--image-size", default="256")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--variants", nargs="+", default=["noise,shuffle,copy,attention", "noise", "shuffle", "copy", "attention"])
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=JSON", help="extra GeneralADConfig field")
+    p.add_argument("--efficientad-result", default=str(RESULTS / "accuracy_bottle_lite2_nopool_cpu_bf16_1500x8.json"))
+    p.add_argument("--efficientad-speed", default=str(RESULTS / "bench_lite_nopool_256px_run1.json"))
+    p.add_argument("--work", default="runs/generalad")
+    p.add_argument("--name", default=None, help="result file name (default generalad_<class>_<size>_<steps>x<batch>.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-speed", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from export.onnx_export import export_onnx
+    from train.evaluate import evaluate_model
+    from train.loop import TrainConfig, load_checkpoint, load_training_images, train
+
+    extra = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.model_arg)}
+    work = Path(args.work)
+    cls = Path(args.data).name
+    rows = []
+    for variant in args.variants:
+        tag = variant.replace(",", "+")
+        cfg = TrainConfig(data=args.data, out=str(work / f"{cls}_{tag}"), model="generalad_lite", image_size=args.image_size,
+                          steps=args.steps, batch_size=args.batch_size, seed=args.seed, save_every=0,
+                          model_kwargs={"distortions": variant, "learning_rate": args.lr, **extra})
+        t0 = time.time()
+        ckpt = train(cfg)
+        model, blob = load_checkpoint(ckpt)
+        val = load_training_images(cfg).val
+        row = {"distortions": variant, "checkpoint": str(ckpt), "train_seconds": blob["train"]["train_seconds"],
+               "total_train_seconds": time.time() - t0,
+               "validation_painted": painted_validation(model, val, args.seed),
+               "test": evaluate_model(model, args.data, "cpu")["image_score"]}
+        manifest = Path(args.data) / "manifest.json"
+        if manifest.is_file():  # synthetic data: mean per-defect AUROC of the structural and the logical defects
+            man = json.loads(manifest.read_text())
+            row["families"] = {fam: float(np.mean([row["test"]["per_defect_auroc"][d] for d in man[fam]]))
+                               for fam in ("structural", "logical")}
+        log.info("%s: val painted %s | test %s", variant, row["validation_painted"],
+                 {k: row["test"][k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")})
+        rows.append(row)
+    best = max(rows, key=lambda r: r["validation_painted"]["image_auroc"] + r["validation_painted"]["pixel_auroc"])
+    payload = {"data": args.data, "image_size": args.image_size, "steps": args.steps, "batch_size": args.batch_size,
+               "lr": args.lr, "model_args": extra, "selection": "best validation painted image+pixel AUROC (no test images)",
+               "selected": best["distortions"], "ablation": rows}
+    model, blob = load_checkpoint(best["checkpoint"])
+    payload["config"] = blob["config"]
+    if not args.no_speed:
+        onnx = export_onnx(best["checkpoint"], work / f"{cls}_selected.onnx")
+        frame = load_training_images(TrainConfig(data=args.data, out=str(work), image_size=args.image_size)).val[0]
+        payload["ort_cpu_batch1"] = ort_ms_per_frame(onnx, frame)
+        payload["onnx"] = str(onnx)
+        # the baseline timed in the same run: an EfficientAD-lite graph of the same input size (1 training step:
+        # speed does not depend on the weights)
+        base = train(TrainConfig(data=args.data, out=str(work / "efficientad_speed"), model="efficientad_lite",
+                                 image_size=args.image_size, steps=1, seed=args.seed, save_every=0,
+                                 model_kwargs={"teacher_pool": 1}))
+        payload["efficientad_lite_ort_cpu_batch1"] = ort_ms_per_frame(export_onnx(base, work / "efficientad_speed.onnx"), frame)
+    eff = Path(args.efficientad_result)
+    if eff.is_file() and "metrics" in json.loads(eff.read_text()):
+        e = json.loads(eff.read_text())
+        m = e["metrics"].get("puad") or e["metrics"].get("image_score")
+        payload["efficientad_lite_stored"] = {"file": eff.name, "steps": e.get("steps"), "batch_size": e.get("batch_size"),
+                                              "train_seconds": e.get("train_seconds"),
+                                              "metrics": {k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
+                                              **({"families": e["families"]} if "families" in e else {})}
+    name = args.name or f"generalad_{cls}_{args.image_size}_{args.steps}x{args.batch_size}.json"
+    print(write_result(name, payload))
+
+
+if __name__ == "__main__":
+    main()

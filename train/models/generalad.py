@@ -1,0 +1,355 @@
+"""GeneralAD (Strater et al., ECCV 2024): distorted patch features and an attention discriminator.
+
+Pieces, in the order of the paper (adapted to edge CPUs):
+
+- features: frozen patch tokens. The paper uses a DINOv2 ViT; no ViT weights can be obtained
+  here, so the tokens are the frozen ImageNet EfficientNet-Lite stride-8/16 stages resized to one
+  grid (``LiteTeacher`` from the EfficientAD family), z-scored per channel on the training images;
+- anomaly generation (training only): pseudo-anomalous token sets made from normal ones, each with
+  the exact patch mask (``distort``): Gaussian ``noise`` on a random subset of patches, ``shuffle``
+  of patches within an image, ``copy`` (patches replaced by another image's patches or by other
+  positions of the same image), ``attention`` (noise on the patches the discriminator attends to
+  most), and combinations (a comma list: one distortion drawn per image);
+- discriminator: a linear projection + learned position embedding, about one pre-norm transformer
+  layer over all tokens of the image (so each patch is judged in context), a per-patch logit.
+
+Raw map = per-patch logits [N,1,h,w] (no pooled features); the shared deploy head normalizes,
+smooths, upsamples and takes the map maximum as image score. Deviation: the paper's image score is
+the mean of the top-k patch scores; here it is the head's (smoothed) map maximum, so every family
+shares one head and one calibration.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
+from .efficientad import LiteTeacher
+from .registry import register_model
+
+log = logging.getLogger(__name__)
+
+DISTORTIONS = ("noise", "shuffle", "copy", "attention")
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class GeneralADConfig(FamilyConfig):
+    """Everything needed to rebuild the network from a checkpoint (stored in it as JSON)."""
+
+    name: str = "generalad_lite"
+    backbone: str = "lite2"  # frozen EfficientNet-Lite: lite0 or lite2
+    out_indices: tuple[int, ...] = (2, 3)  # stride-8 and stride-16 stages
+    stride: int = 8  # token grid = input / stride
+    pool: int = 3  # local averaging of backbone features, in grid cells (1 = off)
+    hidden: int = 128  # discriminator width
+    heads: int = 4
+    layers: int = 1
+    mlp_ratio: int = 2
+    distortions: str = "noise,shuffle,copy,attention"  # comma list; one drawn per distorted image
+    noise_std: float = 0.25  # Gaussian noise strength, in units of the z-scored features' std
+    distort_fraction: tuple[float, float] = (0.02, 0.25)  # fraction of patches distorted per image
+    clean_fraction: float = 0.25  # share of each batch left undistorted (all-negative targets)
+    learning_rate: float = 1e-3  # Adam, discriminator only (TrainConfig.lr is EfficientAD's 1e-4: too slow here)
+    map_blur_px: float = 4.0
+
+
+def parse_distortions(text: str) -> tuple[str, ...]:
+    """'noise,copy' -> ('noise', 'copy'); one clear error for an unknown name."""
+    names = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    bad = [n for n in names if n not in DISTORTIONS]
+    if not names or bad:
+        raise ValueError(f"distortions {text!r}: give a comma list of {', '.join(DISTORTIONS)}")
+    return names
+
+
+# ----------------------------------------------------------------------------- discriminator
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer layer written with plain ops (exports to ONNX as is) that can return its attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"discriminator width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.scale = 1.0 / math.sqrt(dim // heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor, need_attention: bool = False):
+        n, length, d = x.shape
+        hd = d // self.heads
+        qkv = self.qkv(self.norm1(x)).reshape(n, length, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
+        y = torch.matmul(attn, v).transpose(1, 2).reshape(n, length, d)
+        x = x + self.proj(y)
+        x = x + self.mlp(self.norm2(x))
+        return (x, attn) if need_attention else (x, None)
+
+
+class Discriminator(nn.Module):
+    """Tokens [N,L,C] -> per-token anomaly logits [N,L] (and the last layer's attention received per token)."""
+
+    def __init__(self, in_channels: int, tokens: int, dim: int = 128, heads: int = 4, layers: int = 1, mlp_ratio: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(in_channels, dim)
+        self.position = nn.Parameter(torch.zeros(1, tokens, dim))
+        nn.init.trunc_normal_(self.position, std=0.02)
+        self.blocks = nn.ModuleList(AttentionBlock(dim, heads, mlp_ratio) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, tokens: torch.Tensor, need_attention: bool = False):
+        x = self.embed(tokens) + self.position
+        attn = None
+        for i, blk in enumerate(self.blocks):
+            x, a = blk(x, need_attention and i == len(self.blocks) - 1)
+            attn = a if a is not None else attn
+        logits = self.out(self.norm(x)).squeeze(-1)
+        if not need_attention:
+            return logits, None
+        return logits, attn.mean(dim=(1, 2))  # [N,L]: attention each token receives, mean over heads and queries
+
+
+# ----------------------------------------------------------------------------- anomaly generation
+def patch_mask(n: int, grid: tuple[int, int], fraction: tuple[float, float], gen: torch.Generator,
+               device: str | torch.device = "cpu") -> torch.Tensor:
+    """[N,L] bool: per image a blob-shaped set of round(f * L) patches, f uniform in ``fraction``.
+
+    Blobs (smoothed noise, top cells) rather than scattered patches: real defects are contiguous.
+    """
+    h, w = grid
+    length = h * w
+    lo, hi = fraction
+    field = torch.rand(n, 1, h, w, generator=gen)
+    field = F.avg_pool2d(field, 5, 1, 2, count_include_pad=False) + 0.02 * torch.rand(n, 1, h, w, generator=gen)
+    field = field.view(n, length)
+    counts = (lo + (hi - lo) * torch.rand(n, generator=gen)) * length
+    counts = counts.round().clamp(min=1, max=length).long()
+    order = torch.argsort(field, dim=1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(length).expand(n, length).contiguous())
+    return (ranks < counts[:, None]).to(device)
+
+
+def distort_noise(tokens: torch.Tensor, mask: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of strength ``std`` on the masked tokens."""
+    noise = torch.randn(tokens.shape, generator=gen).to(tokens.device, tokens.dtype) * std
+    return torch.where(mask[..., None], tokens + noise, tokens)
+
+
+def distort_shuffle(tokens: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The masked tokens of each image moved among the masked positions (random order, every one moved)."""
+    out = tokens.clone()
+    for i in range(tokens.shape[0]):
+        idx = torch.nonzero(mask[i], as_tuple=False).squeeze(1)
+        if idx.numel() < 2:
+            continue
+        perm = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
+        out[i, perm] = tokens[i, torch.roll(perm, 1)]  # a cycle: no token stays in place
+    return out
+
+
+def distort_copy(tokens: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Masked tokens replaced by tokens of another image of the batch (or, alone, other positions), random sources."""
+    n, length, _ = tokens.shape
+    out = tokens.clone()
+    for i in range(n):
+        idx = torch.nonzero(mask[i], as_tuple=False).squeeze(1)
+        if idx.numel() == 0:
+            continue
+        src_pos = torch.randint(0, length, (idx.numel(),), generator=gen).to(idx.device)
+        if n > 1:
+            j = int(torch.randint(0, n - 1, (1,), generator=gen))
+            j = j + 1 if j >= i else j
+        else:
+            j = i
+            same = src_pos == idx  # never copy a patch onto itself
+            src_pos = torch.where(same, (src_pos + length // 2) % length, src_pos)
+        out[i, idx] = tokens[j, src_pos]
+    return out
+
+
+def attention_mask(attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """As many patches as ``mask`` has per image, but the ones the discriminator attends to most."""
+    counts = mask.sum(dim=1)
+    order = torch.argsort(attention, dim=1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(attention.shape[1], device=attention.device).expand_as(order).contiguous())
+    return ranks < counts[:, None]
+
+
+def distort(tokens: torch.Tensor, kind: str, grid: tuple[int, int], fraction: tuple[float, float], noise_std: float,
+            gen: torch.Generator, attention: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [N,L,C] -> (distorted tokens, exact patch mask [N,L] bool) for one distortion kind.
+
+    ``attention`` ([N,L], attention received per token) is needed by kind 'attention' only.
+    """
+    mask = patch_mask(tokens.shape[0], grid, fraction, gen, tokens.device)
+    if kind == "noise":
+        return distort_noise(tokens, mask, noise_std, gen), mask
+    if kind == "shuffle":
+        return distort_shuffle(tokens, mask, gen), mask
+    if kind == "copy":
+        return distort_copy(tokens, mask, gen), mask
+    if kind == "attention":
+        if attention is None:
+            raise ValueError("the 'attention' distortion needs the discriminator's attention")
+        mask = attention_mask(attention, mask)
+        return distort_noise(tokens, mask, noise_std, gen), mask
+    raise ValueError(f"distortion {kind!r}: choose one of {', '.join(DISTORTIONS)}")
+
+
+# ----------------------------------------------------------------------------- model
+class GeneralAD(AnomalyModel):
+    """Frozen Lite patch tokens -> attention discriminator -> per-patch logits for the shared head."""
+
+    family = "generalad"
+    map_names = ("discriminator",)
+    export_policy = ExportPolicy(fp16_parts=("discriminator",), int8_keep_fp32=("/head/", "/backbone/"))
+    config_class = GeneralADConfig
+
+    def __init__(self, cfg: GeneralADConfig):
+        if cfg.backbone not in ("lite0", "lite2"):
+            raise ValueError(f"backbone {cfg.backbone!r}: choose lite0 or lite2")
+        if cfg.stride not in (8, 16):
+            raise ValueError(f"token stride {cfg.stride}: choose 8 or 16")
+        parse_distortions(cfg.distortions)
+        h, w = cfg.image_size
+        grid = (h // cfg.stride, w // cfg.stride)
+        super().__init__(cfg, grid)
+        self.backbone = LiteTeacher(f"efficientnet_{cfg.backbone}", cfg.out_indices, grid, pretrained=cfg.pretrained,
+                                    pool=cfg.pool)
+        c = self.backbone.channels
+        self.channels = c
+        self.register_buffer("token_mean", torch.zeros(1, c, 1, 1))
+        self.register_buffer("token_std", torch.ones(1, c, 1, 1))
+        self.discriminator = Discriminator(c, grid[0] * grid[1], cfg.hidden, cfg.heads, cfg.layers, cfg.mlp_ratio)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed [N,3,H,W] -> z-scored frozen patch tokens [N,L,C] (row-major over the grid)."""
+        with torch.no_grad():
+            f = (self.backbone(x) - self.token_mean) / self.token_std
+        return f.flatten(2).transpose(1, 2)
+
+    def score_tokens(self, tokens: torch.Tensor, need_attention: bool = False):
+        """Tokens [N,L,C] -> (logits [N,L] fp32, attention received [N,L] or None)."""
+        dtype = next(self.discriminator.parameters()).dtype
+        logits, attn = self.discriminator(tokens.to(dtype), need_attention)
+        return logits.float(), attn
+
+    def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """x: preprocessed [N,3,H,W] -> (patch logits [N,1,h,w], no pooled features)."""
+        logits, _ = self.score_tokens(self.tokens(x))
+        return logits.view(x.shape[0], 1, *self.grid), None
+
+    def fit(self, fit_frames, val_frames, train_cfg, device: str) -> dict:
+        return fit_generalad(self, fit_frames, train_cfg, device)
+
+
+# ----------------------------------------------------------------------------- training
+def _batches(frames: np.ndarray, batch: int):
+    for i in range(0, len(frames), batch):
+        yield frames[i:i + batch]
+
+
+@torch.no_grad()
+def token_cache(model: GeneralAD, frames: np.ndarray, device: str) -> torch.Tensor:
+    """Fit the per-channel token statistics, then return every training image's z-scored tokens [N,L,C].
+
+    The backbone is frozen and the distortions act on tokens, so the backbone runs once per image."""
+    feats = torch.cat([model.backbone(model.preprocess(torch.from_numpy(b).to(device))).float()
+                       for b in _batches(frames, 16)])
+    model.token_mean.copy_(feats.mean(dim=(0, 2, 3)).view_as(model.token_mean))
+    model.token_std.copy_(feats.std(dim=(0, 2, 3)).clamp(min=1e-6).view_as(model.token_std))
+    return ((feats - model.token_mean) / model.token_std).flatten(2).transpose(1, 2).contiguous()
+
+
+def generation_step(model: GeneralAD, clean: torch.Tensor, kinds: tuple[str, ...],
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of training inputs: some clean images, the rest distorted by one drawn kind each -> (tokens, targets)."""
+    cfg = model.cfg
+    n = clean.shape[0]
+    tokens = clean.clone()
+    targets = torch.zeros(clean.shape[:2], device=clean.device)
+    n_clean = int(round(cfg.clean_fraction * n)) if n > 1 else 0
+    choice = torch.randint(0, len(kinds), (n,), generator=gen)
+    attention = None
+    if "attention" in kinds and bool((choice[n_clean:] == kinds.index("attention")).any()):
+        with torch.no_grad():
+            _, attention = model.score_tokens(clean, need_attention=True)
+            attention = attention.float()
+    frac = tuple(cfg.distort_fraction)
+    for k, kind in enumerate(kinds):
+        rows = torch.nonzero(choice == k).squeeze(1)
+        rows = rows[rows >= n_clean]
+        if rows.numel() == 0:
+            continue
+        # copy takes its sources from the whole batch (other images); the others act per image
+        src = clean if kind == "copy" else clean[rows]
+        att = None if attention is None else attention[rows]
+        if kind == "copy":
+            d, m = distort(src, kind, model.grid, frac, cfg.noise_std, gen)
+            tokens[rows], targets[rows] = d[rows], m[rows].float()
+        else:
+            d, m = distort(src, kind, model.grid, frac, cfg.noise_std, gen, att)
+            tokens[rows], targets[rows] = d, m.float()
+    return tokens, targets
+
+
+def balanced_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE with normal and distorted patches weighted equally (distorted ones are few)."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    pos = targets > 0.5
+    neg_loss = loss[~pos].mean()
+    if not bool(pos.any()):
+        return neg_loss
+    return 0.5 * (neg_loss + loss[pos].mean())
+
+
+def fit_generalad(model: GeneralAD, fit_frames: np.ndarray, train_cfg, device: str) -> dict:
+    """BCE of the discriminator on normal vs distorted patches, Adam (cfg.learning_rate), train_cfg.steps steps."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    kinds = parse_distortions(model.cfg.distortions)
+    cache = token_cache(model, fit_frames, device)
+    gen = torch.Generator().manual_seed(int(train_cfg.seed))
+    opt = torch.optim.Adam(model.discriminator.parameters(), lr=float(model.cfg.learning_rate),
+                           weight_decay=float(train_cfg.weight_decay))
+    batch = max(1, int(train_cfg.batch_size))
+    history = []
+    model.discriminator.train()
+    steps = int(train_cfg.steps)
+    for step in tqdm(range(1, steps + 1), desc="generalad", disable=steps < 50, mininterval=5):
+        idx = torch.randint(0, len(cache), (batch,), generator=gen)
+        tokens, targets = generation_step(model, cache[idx], kinds, gen)
+        logits, _ = model.score_tokens(tokens)
+        loss = balanced_bce(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step == 1 or step % 25 == 0 or step == steps:
+            history.append({"step": step, "loss": float(loss.detach())})
+    model.discriminator.eval()
+    seconds = time.time() - t0
+    log.info("generalad: %d steps x %d in %.1fs, last loss %.4f", steps, batch, seconds, history[-1]["loss"] if history else float("nan"))
+    return {"train_seconds": seconds, "history": history}
+
+
+# ----------------------------------------------------------------------------- registered models
+@register_model
+def generalad_lite(image_size=256, **kw) -> GeneralAD:
+    """Frozen EfficientNet-Lite2 stride-8/16 tokens on a stride-8 grid, one-layer attention discriminator."""
+    return GeneralAD(GeneralADConfig(name="generalad_lite", image_size=parse_hw(image_size), **kw))

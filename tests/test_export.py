@@ -126,7 +126,11 @@ def test_int8_qdq_runs_in_onnxruntime(tmp_path, trained, synthetic_root, test_fr
     # image AUROC within 0.1 on this 40-image, 64 px smoke set (observed here: 0.07; INT8 accuracy on real data is
     # a benchmark matter, see README)
     d = np.abs(a["anomaly_map"] - b["anomaly_map"])
-    assert d.max() <= 0.1 and d.mean() <= 0.01, (d.max(), d.mean())
+    # the symmetric TensorRT recipe (int8 activations, run here in ONNX Runtime) now quantizes the autoencoder's own
+    # head convolutions too (they were wrongly left fp32 by a name match for a while): mean |diff| measured 0.027 on
+    # this smoke model, so its bound is 0.03; the CPU recipe keeps 0.01
+    mean_bound = 0.03 if target == "tensorrt" else 0.01
+    assert d.max() <= 0.1 and d.mean() <= mean_bound, (d.max(), d.mean())
     assert abs(auroc(labels, a["image_score"]) - auroc(labels, b["image_score"])) <= 0.1
 
 

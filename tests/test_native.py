@@ -118,10 +118,11 @@ def test_scores_maps_and_decisions_match_python(native, model_copy, synthetic_ro
     np.testing.assert_allclose([x["score"] for x in recs], pred.image_score, rtol=0, atol=1e-5)
     assert [x["decision"] == "NG" for x in recs] == list(pred.is_ng)
     assert 0 < sum(pred.is_ng) < len(files)
-    extra = [k for k in ("picturable_score", "unpicturable_score") if k in pred.raw]
+    extra = sorted(pred.scores)  # the graph's named component scores (map_score, gaussian_score, ...)
+    assert extra
     for k in extra:
-        np.testing.assert_allclose([x["scores"][k] for x in recs], pred.raw[k].reshape(-1), rtol=0, atol=1e-5)
-    assert all(list(x["scores"]) == extra for x in recs)
+        np.testing.assert_allclose([x["scores"][k] for x in recs], pred.scores[k], rtol=0, atol=1e-5)
+    assert all(sorted(x["scores"]) == extra for x in recs)
     c_maps = np.stack([np.load(maps / f"map_{i:06d}.npy") for i in range(len(files))])
     assert c_maps.shape == pred.anomaly_map.shape and c_maps.dtype == np.float32
     np.testing.assert_allclose(c_maps, pred.anomaly_map, rtol=0, atol=1e-4)

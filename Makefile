@@ -26,13 +26,15 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python -m runtime.synthetic --out $(DEMO)/data --size 256 --train 60 --test-good 10 --per-defect 4
-	$(BIN)/python -m train --data $(DEMO)/data --out $(DEMO)/run --image-size 128 --steps 600
+	$(BIN)/python -m runtime.synthetic --out $(DEMO)/data --size 256 --train 150 --test-good 20 --per-defect 4
+	$(BIN)/python -m train --model patchcore_lite --data $(DEMO)/data --out $(DEMO)/run --image-size 256
 	$(BIN)/python -m export onnx $(DEMO)/run/checkpoint.pt --out $(DEMO)/model.onnx
 	$(BIN)/python -m calibration fit --model $(DEMO)/model.onnx --good $(DEMO)/data/train/good
 	$(BIN)/python -m calibration report --model $(DEMO)/model.onnx --good $(DEMO)/data/test/good --defects $(DEMO)/data/test/scratch $(DEMO)/data/test/spot $(DEMO)/data/test/crack --plot $(DEMO)/scores.png --json $(DEMO)/report.json
 	$(BIN)/python -m runtime.stream --demo --demo-frames 120 --model $(DEMO)/model.onnx --headless --jsonl $(DEMO)/frames.jsonl --save-ng $(DEMO)/ng --summary $(DEMO)/summary.json
-	@echo "demo done: per-frame decisions in $(DEMO)/frames.jsonl, NG overlays in $(DEMO)/ng/, summary in $(DEMO)/summary.json"
+	@$(BIN)/python -c "import json; r = json.load(open('$(DEMO)/report.json')); print('demo verdict at the calibrated threshold (test parts the model never saw):', r['verdict'])"
+	@echo "look at: $(DEMO)/scores.png (score histogram), $(DEMO)/ng/ (NG overlays), $(DEMO)/frames.jsonl, $(DEMO)/summary.json"
+	@echo "live view: $(BIN)/python -m runtime.stream --demo --demo-frames 0 --model $(DEMO)/model.onnx --headless --serve 8080  (open http://127.0.0.1:8080/)"
 
 # the real tritonserver for tests/test_triton.py: the nvidia-pytriton 0.7.0 wheel, downloaded once into
 # .cache/triton/wheels (git-ignored) and unpacked there; without it those tests skip and say why

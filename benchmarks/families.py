@@ -29,17 +29,11 @@ log = logging.getLogger("benchmarks.families")
 
 def parse_spec(spec: str) -> tuple[str, dict]:
     """'name' or 'name:k=v,k=v' -> (name, kwargs); values parsed as JSON when they parse."""
+    from train.cli import parse_key_values
+
     name, _, rest = spec.partition(":")
-    kw = {}
-    for item in filter(None, rest.split(",")):
-        if "=" not in item:
-            raise ValueError(f"model spec {spec!r}: write NAME:KEY=VALUE,KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            kw[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            kw[k.strip()] = v
-    return name, kw
+    bad = f"model spec {spec!r}: write NAME:KEY=VALUE,KEY=VALUE".replace("{", "{{").replace("}", "}}")
+    return name, parse_key_values(filter(None, rest.split(",")), bad)
 
 
 def cpu_speed(onnx_path: Path, iters: int) -> dict:

@@ -3,11 +3,11 @@ import json
 import logging
 import os
 
-import cv2
 import numpy as np
 import pytest
 
 from calibration import drift
+from tests.test_calibration import _darker_copies  # the same light change the calibration tests use
 
 
 def test_check_numbers():
@@ -37,14 +37,6 @@ def test_too_few_images():
     assert not out["flagged"] and "too few" in out["status"]
 
 
-def _changed_light(src, dst, factor):
-    dst.mkdir(parents=True, exist_ok=True)
-    for p in sorted(src.glob("*.png")):
-        img = cv2.imread(str(p))
-        cv2.imwrite(str(dst / p.name), np.clip(img.astype(np.float32) * factor, 0, 255).astype(np.uint8))
-    return dst
-
-
 def test_fit_stores_reference_keeps_modes_and_report_flags_changed_light(model_copy, synthetic_root, tmp_path, caplog):
     from calibration.cli import main as calibration_main
     from calibration.field import calibrate
@@ -66,7 +58,7 @@ def test_fit_stores_reference_keeps_modes_and_report_flags_changed_light(model_c
 
     same = report(str(model_copy), str(synthetic_root / "test" / "good"))["drift"]  # held-out parts, same light
     assert not same["flagged"] and abs(same["mean_shift_sigma"]) < 1, same
-    dark = _changed_light(synthetic_root / "test" / "good", tmp_path / "dark", 0.5)
+    dark = _darker_copies(synthetic_root / "test" / "good", tmp_path / "dark", 0.5)
     caplog.set_level(logging.INFO)
     rep = report(str(model_copy), str(dark), json_path=str(tmp_path / "report.json"))
     d = rep["drift"]

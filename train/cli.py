@@ -32,18 +32,25 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-width", type=int, default=None, help="--size lite only: student width (default 128)")
 
 
-def parse_model_args(items: list[str] | None) -> dict:
-    """``--model-arg KEY=VALUE`` pairs -> keyword arguments (values parsed as JSON when they parse)."""
+def parse_key_values(items, bad_item: str) -> dict:
+    """``KEY=VALUE`` strings -> keyword arguments (values parsed as JSON when they parse).
+
+    bad_item: the one-line error for an item without '=' (``{item!r}`` is filled in)."""
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--model-arg {item!r}: write KEY=VALUE, e.g. coreset_ratio=0.1")
+            raise ValueError(bad_item.format(item=item))
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
+
+
+def parse_model_args(items: list[str] | None) -> dict:
+    """``--model-arg KEY=VALUE`` pairs -> keyword arguments (values parsed as JSON when they parse)."""
+    return parse_key_values(items, "--model-arg {item!r}: write KEY=VALUE, e.g. coreset_ratio=0.1")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:

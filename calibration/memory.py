@@ -3,8 +3,8 @@
 A graph that declares a memory (sidecar ``family_params["memory"]``, written by export from the
 model's ``family_params()``) scores each patch by its distance to the nearest row of a named
 initializer. The initializer is a float32 matrix ``[C+1, capacity]``: one column per memory item,
-its C features and its squared norm. The squared norm rides along so the deployed distance
-``||a||^2 - 2 a.b + ||b||^2`` needs no computation on the memory alone, and the columns are laid out
+its C features and its squared norm. The squared norm rides along so the deployed nearest-item
+search ``argmin_b (||b||^2 - 2 a.b)`` needs no computation on the memory alone, and the columns are laid out
 as the graph's MatMul uses them: exporters fold any operation on a constant (a norm, a transpose)
 into a new, unnamed constant that a rewrite of the memory would leave stale. Unused columns repeat
 a real item, so the minimum distance is unchanged.

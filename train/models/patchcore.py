@@ -8,8 +8,8 @@ Pieces, in the order of the paper:
 - memory: the greedy k-center coreset of the training images' patch features (with a random
   projection for the distance computations), ``calibration.memory.greedy_coreset`` -- the same
   numpy code field onboarding runs, so a memory refit in the field is the memory training builds;
-- anomaly map: each patch's Euclidean distance to its nearest memory row, computed as matrix
-  products ``||a||^2 - 2 a.b + ||b||^2`` (clamped at 0, square root) so it exports as one Gemm;
+- anomaly map: each patch's Euclidean distance to its nearest memory row: the row is found with one
+  matrix product against the memory (``-2 a.b + ||b||^2``), the distance recomputed exactly from it;
 - image score: the map maximum (the shared head: normalization, smoothing, upsampling, max).
 
 "Training" is feature extraction + coreset: no gradient step. The memory is a fixed-capacity
@@ -62,9 +62,13 @@ class PatchCoreConfig(FamilyConfig):
 class NearestNeighbour(nn.Module):
     """Distance of each patch to its nearest memory row, as matrix products against ``memory_bank``.
 
-    memory_bank: float32 [C+1, M], columns ``[b, ||b||^2]``. The distance squared is
-    ``||a||^2 + [-2a, 1] . [b, ||b||^2]``: one MatMul whose only constant operand is the memory itself
-    (stored in the layout MatMul reads, so the exporter has nothing on it to fold).
+    memory_bank: float32 [C+1, M], columns ``[b, ||b||^2]``. The nearest row is found with one MatMul,
+    ``[-2a, 1] . [b, ||b||^2] = ||a - b||^2 - ||a||^2``, whose only constant operand is the memory itself
+    (stored in the layout MatMul reads, so the exporter has nothing on it to fold). That expanded form
+    cancels in float32 (an error of about 1e-7 ||a||^2, which the square root magnifies for patches
+    that lie on a memory item: 6e-2 between torch and ONNX Runtime on training patches), so the distance
+    itself is recomputed directly, ``||a - b*||``, from the nearest column gathered from the same
+    initializer: exact to float32 rounding of the distance, and the same in every engine.
     """
 
     def __init__(self, capacity: int, dim: int):
@@ -79,8 +83,11 @@ class NearestNeighbour(nn.Module):
         c = feats.shape[1]
         a = feats.permute(0, 2, 3, 1).reshape(-1, c)  # [P,C]; no Shape ops: any batch size
         a_aug = F.pad(-2.0 * a, (0, 1), value=1.0)
-        d2 = torch.sum(a * a, dim=1) + torch.amin(torch.matmul(a_aug, self.memory_bank), dim=1)
-        return torch.sqrt(torch.clamp(d2, min=0.0)).reshape(-1, 1, int(h), int(w))
+        nearest = torch.argmin(torch.matmul(a_aug, self.memory_bank), dim=1)  # [P]
+        # gather from the initializer itself, then drop the norm row (a slice of a constant would be folded)
+        b = torch.index_select(self.memory_bank, 1, nearest)[:c].t()  # [P,C]
+        d2 = torch.sum((a - b) ** 2, dim=1)
+        return torch.sqrt(d2).reshape(-1, 1, int(h), int(w))
 
 
 class PatchCore(AnomalyModel):

@@ -68,6 +68,7 @@ def run_one(spec: str, data: str, work: Path, args) -> dict:
     metrics = evaluate_model(model, data, "cpu", blob["thresholds"]["image"])
     onnx_path = export_onnx(ckpt, out / "model.onnx")
     row = {"model": name, "options": kw, "data": str(data), "family": blob["family"],
+           "image_size": list(model.cfg.image_size),
            "fit_wall_seconds": round(fit_s, 1), "train_facts": {k: v for k, v in blob["train"].items()
                                                                  if k.endswith("seconds") or k in ("memory_rows", "patches", "n_fit", "steps")},
            "onnx_mb": round(onnx_path.stat().st_size / 2**20, 2),
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="MVTec-layout class folders")
     p.add_argument("--steps", type=int, default=1500, help="training steps of families that train (ignored by memory banks)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", default="256")
+    p.add_argument("--image-size", default=None, help="N or WxH (default: each model's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=50, help="timed runs per speed figure")
     p.add_argument("--reference", nargs="*", default=[], metavar="FILE", help="earlier result JSONs to quote")

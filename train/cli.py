@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--steps", type=int, default=PAPER_STEPS, help=f"training steps (paper: {PAPER_STEPS})")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--image-size", default="256", metavar="N|WxH",
+    p.add_argument("--image-size", default=None, metavar="N|WxH",
                    help="N: about NxN pixels at the training images' aspect (multiples of 32, e.g. 416x160 for "
-                        "2.5:1 parts at N=256); WxH: exactly this (default 256)")
+                        "2.5:1 parts at N=256); WxH: exactly this (default: the model's own, e.g. 256 for "
+                        "efficientad_lite, 320 for patchcore_lite)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--puad-weight", type=float, default=0.5, help="weight of the unpicturable (Gaussian) score")

@@ -25,7 +25,7 @@ from runtime.artifact import ArtifactError, atomic_write_bytes
 from runtime.dataset import open_dataset
 
 from .data import load_frames, split_train_validation
-from .models import build_from_config, create_model
+from .models import build_from_config, create_model, default_image_size
 from .models.base import AnomalyModel, parse_hw, size_for_aspect
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class TrainConfig:
     data: str | list[str]  # one class folder, or several (one per product class: a multi-class model)
     out: str
     model: str = "efficientad_lite"
-    image_size: int | str | tuple[int, int] = 256  # N: about N x N pixels at the training aspect; 'WxH': exact
+    # N: about N x N pixels at the training aspect; 'WxH': exact; None: the model's own default (registry)
+    image_size: int | str | tuple[int, int] | None = None
     fit: str = "stretch"  # how frames of another aspect are fitted (runtime.preprocess.FIT_POLICIES)
     steps: int = PAPER_STEPS
     batch_size: int = 1
@@ -222,8 +223,9 @@ def load_training_images(cfg: TrainConfig) -> TrainingImages:
         colour = not (np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]))
         shapes.append((img.shape[0], img.shape[1], 3 if colour else 1))
     aspects = [w / h for h, w, _ in shapes]
-    explicit = isinstance(cfg.image_size, (tuple, list)) or "x" in str(cfg.image_size).lower()
-    hw = parse_hw(cfg.image_size) if explicit else size_for_aspect(float(np.median(aspects)), int(cfg.image_size))
+    size = cfg.image_size if cfg.image_size is not None else default_image_size(cfg.model)
+    explicit = isinstance(size, (tuple, list)) or "x" in str(size).lower()
+    hw = parse_hw(size) if explicit else size_for_aspect(float(np.median(aspects)), int(size))
     fit, val, fit_cls, val_cls = [], [], [], []
     for name, f, v in splits:
         fit.append(load_frames(f, hw, f"train images {name}", cfg.fit))

@@ -3,5 +3,5 @@
 Each family is one file here (see ``base.py`` for the contract); importing this package
 registers every family.
 """
-from .registry import build_from_config, create_model, list_families, list_models, register_family, register_model  # noqa: F401
+from .registry import build_from_config, create_model, default_image_size, list_families, list_models, register_family, register_model  # noqa: F401
 from . import efficientad, generalad, patchcore, uniad  # noqa: F401  (registers their models)

@@ -42,6 +42,16 @@ def list_families() -> list[str]:
     return sorted(_FAMILIES)
 
 
+def default_image_size(name: str) -> int:
+    """The input size a model is built for when none is asked (its builder's ``image_size`` default):
+    each family's accuracy/speed trade-off picks its own (see benchmarks/README.md)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    param = inspect.signature(_REGISTRY[name]).parameters.get("image_size")
+    default = None if param is None else param.default
+    return int(default) if isinstance(default, int) else 256
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")

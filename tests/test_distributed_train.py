@@ -60,6 +60,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, small_data, family):
     assert r.returncode == 0, r.stderr[-3000:]
     two_dir = tmp_path / "two"
     assert sorted(p.name for p in two_dir.iterdir()) == ["checkpoint.pt", "train_log.jsonl"]  # rank 0 only, no temp
+    assert r.stdout.count(str(two_dir / "checkpoint.pt")) == 1, r.stdout  # rank 0 reports it, once
     two = torch.load(two_dir / "checkpoint.pt", weights_only=True)
     assert two["train"]["world_size"] == 2 and "world_size" not in one["train"]  # really two DDP processes
     from train.loop import load_checkpoint

@@ -153,11 +153,17 @@ class Stream:
         self._outage_since: float | None = None
         self.frames_skipped = 0
         self._events: collections.deque = collections.deque()  # source events for the JSONL, from the capture thread
-        if hasattr(source, "on_event"):
+        # a source that reports its own outages (ReconnectingSource: source_lost/source_back) is not also
+        # watched for silence, else observers get two messages for one outage
+        self._source_reports_outages = hasattr(source, "on_event")
+        if self._source_reports_outages:
             source.on_event = self._events.append
 
     def _watch_source(self, got_frames: bool) -> None:
-        """Report a live source that went silent (source_outage) and came back (source_recovered)."""
+        """Report a live source that went silent (source_outage) and came back (source_recovered); only for
+        sources without their own outage events."""
+        if self._source_reports_outages:
+            return
         now = time.perf_counter()
         if got_frames:
             if self._outage_since is not None:

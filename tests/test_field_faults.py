@@ -12,11 +12,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import pytest
 
 from runtime.model import Model
-from runtime.sources import open_source
+from runtime.sources import DemoSource, ReconnectingSource, Source, SourceError, open_source
 from runtime.stream import Stream, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,3 +214,58 @@ def test_cli_summary_and_jsonl_on_full_disk(onnx_model, small_fs, tmp_path):
     rc = main(["--demo", "--demo-frames", "5", "--model", str(onnx_model), "--headless", "-q",
                "--summary", str(small_fs / "summary.json")])
     assert rc == 0 and not (small_fs / "summary.json").exists()  # not written, logged, no partial file
+
+
+class _Dropping(Source):
+    """A live inner source: ``n`` demo frames (None: endless), then it ends (the camera dropped off)."""
+
+    live = True
+
+    def __init__(self, n: int | None):
+        self.n, self.name = n, "dropping"
+
+    def frames(self) -> Iterator[np.ndarray]:
+        yield from DemoSource(n=self.n, fps=30, size=96).frames()
+
+
+class _Events:
+    name = "events"
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def on_frame(self, record, frame_bgr, anomaly_map) -> None:
+        pass
+
+    def on_event(self, record: dict) -> None:
+        self.events.append(record)
+
+    def close(self) -> dict:
+        return {}
+
+
+def test_one_network_outage_is_one_lost_and_one_back_message(onnx_model):
+    """A source that reports its own outages (ReconnectingSource) is not also watched for silence:
+    the observers get exactly one 'lost' and one 'back' message per outage, not a duplicate pair."""
+    opens = []
+
+    def opener() -> Source:
+        opens.append(time.monotonic())
+        if len(opens) == 2:  # the first reconnect attempt fails: the outage lasts > 1 s
+            raise SourceError("connection refused")
+        return _Dropping(20 if len(opens) == 1 else None)
+
+    source = ReconnectingSource(opener, "net-camera", first_delay=0.6, max_delay=1.0)
+    watcher = _Events()
+    stream = Stream(Model(onnx_model), source, observers=[watcher], outage_after=0.3)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(summary=stream.run()), daemon=True)
+    runner.start()
+    _wait(lambda: len(opens) >= 3 and any(e["event"] == "source_back" for e in watcher.events), 30, "the reconnect")
+    time.sleep(1.0)  # frames flow again; a late duplicate 'recovered' would arrive now
+    stream.stop()
+    runner.join(10)
+    assert not runner.is_alive()
+    names = [e["event"] for e in watcher.events if e["event"] not in ("stream_started", "stream_stopped")]
+    assert names == ["source_lost", "source_back"], names
+    assert result["summary"].frames_scored >= 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from calibration.fitting import DEFAULT_PUAD_GATE, parse_gate
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                       map_blur=map_blur)
     try:
         ckpt = train(cfg, resume=args.resume)
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the checkpoint and reports it
+            return 0
         if args.evaluate:
             from .evaluate import evaluate_model
 

@@ -16,6 +16,8 @@ from tqdm import tqdm
 from runtime.dataset import AnomalyDataset, read_image
 from runtime.preprocess import fit_frame
 
+from .batch_share import BatchShare, draw
+
 log = logging.getLogger(__name__)
 
 
@@ -63,11 +65,13 @@ def color_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return y.clamp(0, 255)
 
 
-def penalty_images(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def penalty_images(x: torch.Tensor, gen: torch.Generator, share: BatchShare | None = None) -> torch.Tensor:
     """Stand-in for the paper's ImageNet penalty images (none here): strongly altered frames.
 
     Channel permutation, patch shuffling on a 4x4 grid, flips and smooth noise give
     images that are not normal parts; the student is pushed to output ~0 on them.
+    ``share`` (DDP): ``x`` is this rank's rows of the global batch; the per-image noise is drawn for the
+    global batch and these rows kept, so every image gets the noise one process would give it.
     """
     n, c, h, w = x.shape
     y = x[:, torch.randperm(3, generator=gen)]
@@ -79,7 +83,7 @@ def penalty_images(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     y[:, :, : ph * g, : pw * g] = tiles.reshape(n, g, g, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, ph * g, pw * g)
     if bool(torch.rand(1, generator=gen) < 0.5):
         y = torch.flip(y, dims=(3,))
-    noise = torch.rand((n, 3, 8, 8), generator=gen).to(x.device) * 255
+    noise = draw(lambda shape: torch.rand(shape, generator=gen), (n, 3, 8, 8), share).to(x.device) * 255
     noise = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False)
     a = float(torch.rand(1, generator=gen)) * 0.6
     return (y * (1 - a) + noise * a).clamp(0, 255)

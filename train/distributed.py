@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 from runtime.artifact import atomic_write_bytes
 
+from .batch_share import BatchShare
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +47,23 @@ class DistContext:
         return self.world_size > 1
 
 
+_current = DistContext()
+
+
+def context() -> DistContext:
+    """The context ``setup()`` made for this process (world size 1 before and without it): how a family's
+    ``fit`` learns its rank without a change to the family contract's signature."""
+    return _current
+
+
 def setup(device: str = "auto", backend: str | None = None) -> DistContext:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); world size 1 without torchrun."""
+    global _current
+    _current = _setup(device, backend)
+    return _current
+
+
+def _setup(device: str, backend: str | None) -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -69,8 +86,10 @@ def setup(device: str = "auto", backend: str | None = None) -> DistContext:
 
 
 def cleanup(ctx: DistContext) -> None:
+    global _current
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+    _current = DistContext()
 
 
 def barrier(ctx: DistContext) -> None:
@@ -79,13 +98,26 @@ def barrier(ctx: DistContext) -> None:
 
 
 def wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """DDP around the trainable module (gradients averaged across ranks); the module itself without a group."""
+    """DDP around the trainable module (gradients averaged across ranks); the module itself without a group.
+
+    Buffers are not re-broadcast every step: no trained part of any family has batch norm, and the frozen
+    statistics (teacher/feature normalisation, head constants) are computed identically on every rank."""
     if not ctx.distributed:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import inspect
+
     ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
-    return DDP(module, device_ids=ids)
+    # torch >= 2.14 names it forward_sync_buffers (broadcast_buffers is deprecated there)
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters \
+        else "broadcast_buffers"
+    return DDP(module, device_ids=ids, **{name: False})
+
+
+def share_of(global_batch: int, ctx: DistContext) -> BatchShare | None:
+    """This rank's share of every step's global batch; None with one process (the plain code paths)."""
+    return BatchShare.of(global_batch, ctx.rank, ctx.world_size) if ctx.distributed else None
 
 
 class LossModule(torch.nn.Module):

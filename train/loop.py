@@ -24,6 +24,7 @@ from calibration.headfit import fit_head
 from runtime.artifact import ArtifactError, atomic_write_bytes
 from runtime.dataset import open_dataset
 
+from . import distributed
 from .data import load_frames, split_train_validation
 from .models import build_from_config, create_model, default_image_size
 from .models.base import AnomalyModel, parse_hw, size_for_aspect
@@ -239,15 +240,27 @@ def load_training_images(cfg: TrainConfig) -> TrainingImages:
 
 # ----------------------------------------------------------------------------- main entry
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train any registered family, calibrate its head and write ``<out>/checkpoint.pt``; returns its path."""
+    """Train any registered family, calibrate its head and write ``<out>/checkpoint.pt``; returns its path.
+
+    Under ``torchrun --nproc_per_node N -m train ...`` every process runs this; the family's ``fit`` trains
+    with DDP at the global batch ``cfg.batch_size`` (``train.distributed``), then rank 0 alone calibrates and
+    writes the log and the checkpoint. Without torchrun: one process, exactly as before."""
+    ctx = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, resume, ctx)
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _train(cfg: TrainConfig, resume: bool, ctx: distributed.DistContext) -> Path:
+    if not ctx.is_main:  # rank 0 alone logs progress; the others only warnings
+        logging.getLogger().setLevel(logging.WARNING)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.resume = cfg.resume or resume
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    device = ctx.device if ctx.distributed else cfg.device  # cuda:LOCAL_RANK under torchrun
     imgs = load_training_images(cfg)
     h, w = imgs.image_size
     log.info("%d training, %d validation images at %dx%d (WxH)", len(imgs.fit), len(imgs.val), w, h)
@@ -255,6 +268,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     facts = model.fit(imgs.fit, imgs.val, cfg, device)
     if facts.get("stopped"):
         return Path(facts["resume_path"])
+    ckpt = out / "checkpoint.pt"
+    if not ctx.is_main:  # the weights are rank 0's too (DDP kept them equal): it alone calibrates and writes
+        return ckpt
+    if ctx.distributed:
+        facts["world_size"] = ctx.world_size
     model.eval()
     smoothing = apply_map_blur(model, cfg.map_blur, imgs.val, device, cfg.seed)
     parts = calibrate_model(model, imgs.fit, imgs.val, device, cfg.puad_weight, cfg.target_fpr, cfg.puad_gate)
@@ -263,7 +281,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         for row in history:
             f.write(json.dumps(row) + "\n")
     classes = sorted(set(imgs.fit_classes)) if not isinstance(cfg.data, (str, Path)) else None
-    ckpt = out / "checkpoint.pt"
     save_checkpoint(ckpt, model, {
         **parts,
         "map_smoothing": smoothing,

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
+from ..batch_share import BatchShare, mean_loss_sum
 from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
 from .efficientad import LiteTeacher
 from .registry import register_model
@@ -308,20 +310,39 @@ def generation_step(model: GeneralAD, clean: torch.Tensor, kinds: tuple[str, ...
     return tokens, targets
 
 
-def balanced_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BCE with normal and distorted patches weighted equally (distorted ones are few)."""
+def balanced_bce(logits: torch.Tensor, targets: torch.Tensor, share: BatchShare | None = None) -> torch.Tensor:
+    """BCE with normal and distorted patches weighted equally (distorted ones are few).
+
+    ``share`` (DDP): the two means are over the global batch's patches (counts summed over ranks), written
+    so DDP's gradient average is the one-process gradient."""
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     pos = targets > 0.5
+    if share is not None:
+        n_pos = int(share.total_of(pos.sum()))
+        n_neg = int(share.total_of((~pos).sum()))
+        neg = mean_loss_sum(loss[~pos], n_neg, share)
+        return neg if n_pos == 0 else 0.5 * (neg + mean_loss_sum(loss[pos], n_pos, share))
     neg_loss = loss[~pos].mean()
     if not bool(pos.any()):
         return neg_loss
     return 0.5 * (neg_loss + loss[pos].mean())
 
 
+def discriminator_loss(model: GeneralAD, tokens: torch.Tensor, targets: torch.Tensor,
+                       share: BatchShare | None = None) -> torch.Tensor:
+    """The training loss of one batch of (distorted) tokens [N,L,C] against their patch targets [N,L]."""
+    logits, _ = model.score_tokens(tokens)
+    return balanced_bce(logits, targets, share)
+
+
 def fit_generalad(model: GeneralAD, fit_frames: np.ndarray, train_cfg, device: str) -> dict:
-    """BCE of the discriminator on normal vs distorted patches, Adam (cfg.learning_rate), train_cfg.steps steps."""
+    """BCE of the discriminator on normal vs distorted patches, Adam (cfg.learning_rate), train_cfg.steps steps.
+
+    Under torchrun every rank generates the whole global batch (copy-distortions take patches from other
+    images of the batch, which may be another rank's) and trains on its rows; DDP averages the gradients."""
     from tqdm import tqdm
 
+    ctx = distributed.context()
     t0 = time.time()
     kinds = parse_distortions(model.cfg.distortions)
     cache = token_cache(model, fit_frames, device)
@@ -329,19 +350,22 @@ def fit_generalad(model: GeneralAD, fit_frames: np.ndarray, train_cfg, device: s
     opt = torch.optim.Adam(model.discriminator.parameters(), lr=float(model.cfg.learning_rate),
                            weight_decay=float(train_cfg.weight_decay))
     batch = max(1, int(train_cfg.batch_size))
+    share = distributed.share_of(batch, ctx)
+    loss_fn = distributed.wrap(distributed.LossModule(discriminator_loss, model), ctx)
     history = []
     model.discriminator.train()
     steps = int(train_cfg.steps)
-    for step in tqdm(range(1, steps + 1), desc="generalad", disable=steps < 50, mininterval=5):
+    for step in tqdm(range(1, steps + 1), desc="generalad", disable=steps < 50 or not ctx.is_main, mininterval=5):
         idx = torch.randint(0, len(cache), (batch,), generator=gen)
         tokens, targets = generation_step(model, cache[idx], kinds, gen)
-        logits, _ = model.score_tokens(tokens)
-        loss = balanced_bce(logits, targets)
+        if share is not None:
+            tokens, targets = share.rows(tokens), share.rows(targets)
+        loss = loss_fn(tokens, targets, share)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step == 1 or step % 25 == 0 or step == steps:
-            history.append({"step": step, "loss": float(loss.detach())})
+            history.append({"step": step, "loss": float(distributed.mean_across(loss, ctx))})
     model.discriminator.eval()
     seconds = time.time() - t0
     log.info("generalad: %d steps x %d in %.1fs, last loss %.4f", steps, batch, seconds, history[-1]["loss"] if history else float("nan"))

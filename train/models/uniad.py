@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .. import distributed
+from ..batch_share import BatchShare, draw, dropout_to_global, set_share
 from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
 from .efficientad import LiteTeacher
 from .registry import register_model
@@ -139,10 +141,14 @@ class DecoderLayer(nn.Module):
         return self.norm3(tgt + self.drop(self.ff(tgt)))
 
 
-def jitter_tokens(tokens: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """UniAD's feature jittering: tokens [N,L,D] + N(0,1) * (||token|| / D) * scale (per token)."""
+def jitter_tokens(tokens: torch.Tensor, scale: float, generator: torch.Generator | None = None,
+                  share: BatchShare | None = None) -> torch.Tensor:
+    """UniAD's feature jittering: tokens [N,L,D] + N(0,1) * (||token|| / D) * scale (per token).
+
+    ``share`` (DDP): tokens are this rank's rows of the global batch; the noise is the global draw's rows."""
     norms = tokens.norm(dim=2, keepdim=True) / tokens.shape[2]
-    noise = torch.randn(tokens.shape, generator=generator, device="cpu" if generator is None else generator.device)
+    device = "cpu" if generator is None else generator.device
+    noise = draw(lambda shape: torch.randn(shape, generator=generator, device=device), tuple(tokens.shape), share)
     return tokens + noise.to(tokens.device, tokens.dtype) * norms * scale
 
 
@@ -226,6 +232,7 @@ class UniAD(AnomalyModel):
         mask = neighbour_mask(grid, self.neighbor_size) if cfg.neighbor_mask else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self.jitter_generator: torch.Generator | None = None
+        self.jitter_share: BatchShare | None = None  # this rank's rows of the global batch (DDP training)
 
     # -- the networks -------------------------------------------------------------
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +246,7 @@ class UniAD(AnomalyModel):
         tokens = self.input_proj(feats.flatten(2).transpose(1, 2))  # [N,L,D]
         cfg = self.cfg
         if self.training and cfg.feature_jitter and (cfg.jitter_prob >= 1.0 or float(torch.rand(1)) < cfg.jitter_prob):
-            tokens = jitter_tokens(tokens, cfg.jitter_scale, self.jitter_generator)
+            tokens = jitter_tokens(tokens, cfg.jitter_scale, self.jitter_generator, self.jitter_share)
         x = tokens
         for layer in self.encoder:
             x = layer(x, self.pos, self.attn_mask)
@@ -280,12 +287,19 @@ def cache_features(model: UniAD, frames: np.ndarray, device: str) -> torch.Tenso
     return ((raw - model.feature_mean) / model.feature_std).contiguous()
 
 
+def reconstruction_loss(model: UniAD, feats: torch.Tensor) -> torch.Tensor:
+    """The training loss: MSE of the reconstruction of standardized features [N,C,h,w] (a plain batch mean)."""
+    return F.mse_loss(model.reconstruct(feats), feats)
+
+
 def fit_uniad(model: UniAD, fit_frames: np.ndarray, val_frames: np.ndarray, cfg, device: str) -> dict:
     """Train the transformer (the features stay frozen) to reconstruct good frames' features.
 
     ``cfg``: ``train.loop.TrainConfig`` (steps, batch_size, lr, weight_decay, seed). The model config's
     ``lr``/``batch_size``, when set, take precedence (UniAD's recipe differs from EfficientAD's: the
-    paper trains with batch 8). Returns JSON-able facts: seconds, loss history, validation loss."""
+    paper trains with batch 8). Returns JSON-able facts: seconds, loss history, validation loss.
+    Under torchrun every rank draws the same global batch and computes its rows (``train.batch_share``)."""
+    ctx = distributed.context()
     mcfg = model.cfg
     lr = mcfg.lr or cfg.lr
     batch = mcfg.batch_size or cfg.batch_size
@@ -302,30 +316,35 @@ def fit_uniad(model: UniAD, fit_frames: np.ndarray, val_frames: np.ndarray, cfg,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     gen = torch.Generator().manual_seed(cfg.seed)
-    model.jitter_generator = gen
+    share = distributed.share_of(batch, ctx)
+    model.jitter_generator, model.jitter_share = gen, share
+    if share is not None:
+        set_share(dropout_to_global(model), share)
+    loss_fn = distributed.wrap(distributed.LossModule(reconstruction_loss, model), ctx)
     history, window = [], []
     t0 = time.time()
     model.train()
-    bar = tqdm(total=cfg.steps, desc=f"train {cfg.model}", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, desc=f"train {cfg.model}", dynamic_ncols=True, disable=not ctx.is_main)
     try:
         for step in range(1, cfg.steps + 1):
-            idx = torch.randint(len(feats), (batch,), generator=gen).to(feats.device)
-            f = feats[idx]
-            loss = F.mse_loss(model.reconstruct(f), f)
+            idx = torch.randint(len(feats), (batch,), generator=gen)
+            f = feats[(idx if share is None else share.rows(idx)).to(feats.device)]
+            loss = loss_fn(f)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             window.append(loss.detach())
             if step % LOG_EVERY == 0 or step == cfg.steps:
-                vals = {"step": step, "loss": float(torch.stack(window).mean())}
+                vals = {"step": step, "loss": float(distributed.mean_across(torch.stack(window).mean(), ctx))}
                 window.clear()
                 history.append(vals)
                 bar.set_postfix(loss=f"{vals['loss']:.4f}")
             bar.update(1)
     finally:
         bar.close()
-        model.jitter_generator = None
+        model.jitter_generator, model.jitter_share = None, None
+        set_share(model, None)
     model.eval()
     val_loss = None
     if val is not None:

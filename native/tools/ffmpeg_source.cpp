@@ -108,6 +108,7 @@ class FfmpegSource final : public Source {
     if (sws_) sws_freeContext(sws_);
     sws_ = nullptr;
     av_frame_free(&yuv_);
+    av_frame_free(&bgr_);
     av_packet_free(&pkt_);
     avcodec_free_context(&dec_);
     if (fmt_) avformat_close_input(&fmt_);
@@ -144,16 +145,34 @@ class FfmpegSource final : public Source {
     }
   }
 
+  // As OpenCV's FFmpeg backend: convert the whole coded picture (coded_width x coded_height: swscale picks its
+  // conversion path from the size and the destination's alignment, and a different path gives different
+  // colours at chroma edges) into a 32-byte-aligned picture, then crop to the visible size.
   void convert(cv::Mat& frame) {
     const int w = yuv_->width, h = yuv_->height;
-    sws_ = sws_getCachedContext(sws_, w, h, static_cast<AVPixelFormat>(yuv_->format), w, h, AV_PIX_FMT_BGR24,
+    const int cw = std::max(dec_->coded_width, w), ch = std::max(dec_->coded_height, h);
+    sws_ = sws_getCachedContext(sws_, cw, ch, static_cast<AVPixelFormat>(yuv_->format), cw, ch, AV_PIX_FMT_BGR24,
                                 SWS_BICUBIC, nullptr, nullptr, nullptr);
     if (!sws_) throw SourceError(name + ": cannot convert pixel format " + std::to_string(yuv_->format) + " to BGR");
     if (frame.u && frame.u->refcount > 1) frame = cv::Mat();  // someone else still holds that one
     frame.create(h, w, CV_8UC3);
-    uint8_t* dst[4] = {frame.data, nullptr, nullptr, nullptr};
-    int stride[4] = {static_cast<int>(frame.step[0]), 0, 0, 0};
-    sws_scale(sws_, yuv_->data, yuv_->linesize, 0, h, dst, stride);
+    if (cw == w && ch == h && (w * 3) % 32 == 0 && frame.isContinuous()) {  // the same picture: convert in place
+      uint8_t* dst[4] = {frame.data, nullptr, nullptr, nullptr};
+      int stride[4] = {w * 3, 0, 0, 0};
+      sws_scale(sws_, yuv_->data, yuv_->linesize, 0, ch, dst, stride);
+      return;
+    }
+    if (!bgr_ || bgr_->width != cw || bgr_->height != ch) {
+      av_frame_free(&bgr_);
+      bgr_ = av_frame_alloc();
+      bgr_->format = AV_PIX_FMT_BGR24;
+      bgr_->width = cw;
+      bgr_->height = ch;
+      if (!bgr_ || av_frame_get_buffer(bgr_, 32) != 0) throw SourceError(name + ": out of memory for a " +
+                                                                          std::to_string(cw) + "x" + std::to_string(ch) + " frame");
+    }
+    sws_scale(sws_, yuv_->data, yuv_->linesize, 0, ch, bgr_->data, bgr_->linesize);
+    cv::Mat(h, w, CV_8UC3, bgr_->data[0], static_cast<size_t>(bgr_->linesize[0])).copyTo(frame);
   }
 
   std::string target_, kind_;
@@ -163,6 +182,7 @@ class FfmpegSource final : public Source {
   AVCodecContext* dec_ = nullptr;
   AVPacket* pkt_ = nullptr;
   AVFrame* yuv_ = nullptr;
+  AVFrame* bgr_ = nullptr;  // the coded-size picture, when it cannot be converted in place
   SwsContext* sws_ = nullptr;
   int stream_ = -1;
   bool eof_ = false;

@@ -39,8 +39,9 @@ def _missing_toolchain() -> str | None:
             return f"{tool} not found"
     for header, pkg in (("/usr/include/opencv4/opencv2/core.hpp", "libopencv-dev"),
                         ("/usr/include/nlohmann/json.hpp", "nlohmann-json3-dev"),
-                        ("/usr/include/gtest/gtest.h", "libgtest-dev"), ("/usr/include/openssl/evp.h", "libssl-dev")):
-        if not Path(header).is_file() and not (BUILD / "CMakeCache.txt").is_file():
+                        ("/usr/include/gtest/gtest.h", "libgtest-dev"), ("libavformat/avformat.h", "libavformat-dev")):
+        found = Path(header).is_file() or any(Path("/usr/include").glob(f"*/{header}"))  # multiarch folders too
+        if not found and not (BUILD / "CMakeCache.txt").is_file():
             return f"{header} not found ({pkg})"
     if not (ORT_ROOT / "include" / "onnxruntime_cxx_api.h").is_file() and not (BUILD / "CMakeCache.txt").is_file():
         return f"ONNX Runtime for C++ not at {ORT_ROOT} (native/fetch_onnxruntime.sh)"

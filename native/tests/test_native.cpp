@@ -34,6 +34,11 @@ TEST(Sha256, KnownVectors) {
   std::ofstream(dir / "abc", std::ios::binary) << "abc";
   EXPECT_EQ(file_sha256((dir / "empty").string()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   EXPECT_EQ(file_sha256((dir / "abc").string()), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  // 56 bytes: the length no longer fits the first block; 1,000,000 bytes: many blocks, partial reads
+  std::ofstream(dir / "two", std::ios::binary) << "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  EXPECT_EQ(file_sha256((dir / "two").string()), "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  std::ofstream(dir / "million", std::ios::binary) << std::string(1000000, 'a');
+  EXPECT_EQ(file_sha256((dir / "million").string()), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
   EXPECT_THROW(file_sha256((dir / "missing").string()), Error);
   fs::remove_all(dir);
 }

@@ -58,6 +58,25 @@ TEST(FitGeometry, PoliciesOnWideAndTallFrames) {
   EXPECT_THROW(fit_geometry(10, 10, 4, 4, "zoom"), Error);
 }
 
+// fit_frame's own whole-factor INTER_AREA shrink (k >= 3) against OpenCV doing both steps itself.
+TEST(Preprocess, WholeFactorAreaShrinkMatchesOpenCv) {
+  struct Case { int rows, cols, h, w; };
+  const Case cases[] = {{1080, 1920, 256, 256}, {300, 450, 100, 100}, {770, 1155, 150, 200}, {999, 1332, 111, 148},
+                        {1080, 1920, 224, 320}, {64, 48, 4, 3}};
+  cv::RNG rng(11);
+  for (const auto& c : cases) {
+    cv::Mat frame(c.rows, c.cols, CV_8UC3);
+    rng.fill(frame, cv::RNG::UNIFORM, 0, 256);
+    const int k = std::min(c.rows / c.h, c.cols / c.w);
+    cv::Mat shrunk, want;
+    cv::resize(frame, shrunk, cv::Size(c.cols / k, c.rows / k), 0, 0, cv::INTER_AREA);
+    cv::resize(shrunk, want, cv::Size(c.w, c.h), 0, 0, cv::INTER_AREA);
+    const cv::Mat got = fit_frame(frame, c.h, c.w, "area", "stretch");
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_EQ(cv::norm(got, want, cv::NORM_INF), 0.0) << c.rows << "x" << c.cols << " -> " << c.h << "x" << c.w << " k=" << k;
+  }
+}
+
 TEST(Preprocess, GrayBgraAndSixteenBit) {
   cv::Mat gray(33, 47, CV_8UC1);
   cv::randu(gray, 0, 256);

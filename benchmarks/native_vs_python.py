@@ -7,7 +7,7 @@ Both programs score the same MJPG video of 1920x1080 conveyor frames (every fram
 batch 1, launched alternately (Python, C++, Python, C++, ...; each round starts with the next program, so
 none always runs first) so machine noise hits both alike, after one untimed launch of each (disk cache).
 Both use the same ONNX Runtime thread count: its default (one per core) or --threads N (EDGEAD_THREADS for
-both). Per run:
+both). Per run (also the CPU time per frame, which load hardly changes):
 end-to-end fps and latency p50/p99 (from each streamer's own summary: capture -> decode -> fit -> infer ->
 decision), mean model time, peak RSS of the process (wait4 rusage), and start-up time from process launch
 to the first JSON line (the first decision). Target on 2 CPU cores: C++ fps >= 1.2x Python, lower p99,
@@ -76,6 +76,9 @@ def run_once(cmd: list[str], summary: Path, env: dict[str, str]) -> dict:
     return {"fps": s["fps"], "latency_ms_p50": s["latency_ms_p50"], "latency_ms_p99": s["latency_ms_p99"],
             "model_ms_mean": s["model_ms_mean"], "frames_scored": s["frames_scored"], "json_lines": lines,
             "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1),
+            # CPU time of the whole process (start-up included) per scored frame: how much work each program
+            # does, which machine load hardly changes (fps under load mostly measures the CPU share it got)
+            "cpu_ms_per_frame": round((rusage.ru_utime + rusage.ru_stime) * 1e3 / max(1, s["frames_scored"]), 2),
             "peak_private_mb_sampled": round(private, 1), "startup_to_first_decision_s": round(t_first, 3),
             "process_wall_s": round(wall, 3), "provider": s["provider"], "load_average_1min_before": round(load, 2)}
 
@@ -135,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(run_once(cmds[name], summary, env))
                 print(f"round {r + 1} {name}: {json.dumps(runs[name][-1])}", file=sys.stderr)
     keys = ("fps", "latency_ms_p50", "latency_ms_p99", "model_ms_mean", "peak_rss_mb", "peak_private_mb_sampled",
-            "startup_to_first_decision_s")
+            "startup_to_first_decision_s", "cpu_ms_per_frame")
     med = {name: {k: round(statistics.median(x[k] for x in rs), 3) for k in keys} for name, rs in runs.items()}
     ratios = {name: {"fps": round(med[name]["fps"] / med["python"]["fps"], 3),
                      "p99": round(med[name]["latency_ms_p99"] / med["python"]["latency_ms_p99"], 3),
                      "rss": round(med[name]["peak_rss_mb"] / med["python"]["peak_rss_mb"], 3),
                      "private": round(med[name]["peak_private_mb_sampled"] / med["python"]["peak_private_mb_sampled"], 3),
+                     "cpu_per_frame": round(med[name]["cpu_ms_per_frame"] / med["python"]["cpu_ms_per_frame"], 3),
                      "startup": round(med[name]["startup_to_first_decision_s"]
                                       / med["python"]["startup_to_first_decision_s"], 3)}
               for name in cmds if name != "python"}

@@ -191,7 +191,9 @@ struct Capture {
   std::condition_variable cv;
   std::string error;
   long max_frames = -1;
-  const Model* model = nullptr;  // prepare() is const and thread-safe: fitting overlaps the previous inference
+  // prepare() is const and thread-safe: fitting overlaps the previous inference. Shared, so that a capture
+  // thread left behind in a blocked read() never outlives the model it prepares for.
+  std::shared_ptr<const Model> model;
   bool keep_frame = false;       // --save-ng draws on the full frame
 };
 
@@ -200,6 +202,7 @@ void capture_loop(std::shared_ptr<Capture> c) {
   try {
     cv::Mat frame;  // decoded into the same memory frame after frame unless the buffer holds on to it
     while (!c->stop && c->source->read(frame)) {
+      if (c->stop) break;
       const double ts = wall_seconds();
       const auto tcap = Clock::now();
       cv::Mat prepared = c->model->prepare(frame);
@@ -264,7 +267,7 @@ std::string frame_name(const std::string& prefix, long fid, const char* ext) {
 int main(int argc, char** argv) {
   Args args;
   std::shared_ptr<Capture> cap = std::make_shared<Capture>();
-  std::unique_ptr<Model> model;
+  std::shared_ptr<Model> model;
   try {
     args = parse_args(argc, argv);
     cap->source = open_source(args.kind, args.target, args.reader);
@@ -273,7 +276,7 @@ int main(int argc, char** argv) {
     opt.threads = args.threads;
     if (opt.threads == 0 && !std::getenv("EDGEAD_THREADS") && args.workers > 1)  // share the cores between the calls
       opt.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / args.workers);
-    model = std::make_unique<Model>(args.model, opt);
+    model = std::make_shared<Model>(args.model, opt);
     if (!args.save_ng.empty()) fs::create_directories(args.save_ng);
     if (!args.save_maps.empty()) fs::create_directories(args.save_maps);
   } catch (const std::exception& e) {  // SourceError, edgead::Error, bad arguments, unwritable folders
@@ -302,7 +305,7 @@ int main(int argc, char** argv) {
   const size_t batch = static_cast<size_t>(args.batch);
   cap->buffer = std::make_unique<Buffer>(latest ? batch : 4 * batch, latest);
   cap->max_frames = args.max_frames;
-  cap->model = model.get();
+  cap->model = model;
   cap->keep_frame = !args.save_ng.empty();
 
   struct sigaction sa;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the native build's system packages are present (Debian / Ubuntu); install the missing ones when root.
-#   cmake g++ libopencv-dev nlohmann-json3-dev libgtest-dev libssl-dev (+ npm to fetch ONNX Runtime)
+#   cmake g++ pkg-config libopencv-dev libavformat-dev libavcodec-dev libswscale-dev nlohmann-json3-dev libgtest-dev
+#   (+ npm to fetch ONNX Runtime)
 set -euo pipefail
-PKGS=(cmake g++ libopencv-dev nlohmann-json3-dev libgtest-dev libssl-dev npm)
+PKGS=(cmake g++ pkg-config libopencv-dev libavformat-dev libavcodec-dev libswscale-dev nlohmann-json3-dev libgtest-dev npm)
 NEED_NPM="${NEED_NPM:-1}"
 missing=()
 for p in "${PKGS[@]}"; do
@@ -18,7 +19,7 @@ if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
 if ! command -v apt-get > /dev/null; then
-    echo "error: missing ${missing[*]} and no apt-get here; install CMake >= 3.18, a C++17 compiler, OpenCV, nlohmann-json, GoogleTest and OpenSSL headers with your package manager" >&2
+    echo "error: missing ${missing[*]} and no apt-get here; install CMake >= 3.18, a C++17 compiler, pkg-config, OpenCV, FFmpeg (libavformat, libavcodec, libswscale), nlohmann-json and GoogleTest with your package manager" >&2
     exit 2
 fi
 if [ "$(id -u)" != 0 ]; then

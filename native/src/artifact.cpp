@@ -5,9 +5,9 @@
 #include <sstream>
 
 #include <nlohmann/json.hpp>
-#include <openssl/evp.h>
 
 #include "edgead/edgead.hpp"
+#include "sha256.hpp"
 
 namespace edgead {
 namespace {
@@ -46,24 +46,14 @@ void check_input(const InputSpec& in, const std::string& src) {
 std::string file_sha256(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw Error(path + ": cannot be read; check the path and permissions");
-  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) throw Error("OpenSSL SHA-256 unavailable");
-  std::vector<char> buf(1 << 20);
+  detail::Sha256 sha;
+  std::vector<char> buf(1 << 16);
   while (f) {
     f.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    if (f.gcount() > 0) EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<size_t>(f.gcount()));
+    if (f.gcount() > 0) sha.update(buf.data(), static_cast<size_t>(f.gcount()));
   }
   if (f.bad()) throw Error(path + ": read error while hashing; check the disk");
-  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
-  unsigned int n = 0;
-  EVP_DigestFinal_ex(ctx.get(), md.data(), &n);
-  std::string hex;
-  char b[3];
-  for (unsigned int i = 0; i < n; ++i) {
-    std::snprintf(b, sizeof b, "%02x", md[i]);
-    hex += b;
-  }
-  return hex;
+  return sha.hex_digest();
 }
 
 Sidecar read_sidecar(const std::string& model_path, bool verify_hash) {

@@ -2,6 +2,10 @@
 #include <algorithm>
 #include <cstring>
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include <opencv2/imgproc.hpp>
 
 #include "engine.hpp"
@@ -10,8 +14,7 @@ namespace edgead {
 
 struct Model::Impl {
   Sidecar sidecar;
-  std::unique_ptr<detail::Engine> engine;
-  std::vector<uint8_t> buffer;  // reused NHWC input batch
+  std::unique_ptr<detail::Engine> engine;  // run() may be called from several threads at once
 };
 
 namespace {
@@ -65,6 +68,11 @@ Model::Model(const std::string& path, const Options& options) : impl_(std::make_
   const int n = in.batch > 0 ? in.batch : 1;
   std::vector<cv::Mat> black(n, cv::Mat::zeros(in.height, in.width, CV_8UC3));
   for (int i = 0; i < options.warmup; ++i) infer(black);
+#ifdef __GLIBC__
+  // ONNX Runtime frees the parsed model and its graph-optimization scratch once the session is built (~15 MB for
+  // a 10 MB model); glibc keeps such freed memory resident until asked. Give it back to the system once.
+  malloc_trim(0);
+#endif
 }
 
 Model::~Model() = default;
@@ -102,17 +110,24 @@ std::vector<Result> Model::infer(const std::vector<cv::Mat>& prepared) {
   const auto& extra = impl_->engine->extra_scores();
   std::vector<Result> results;
   results.reserve(total);
+  std::vector<uint8_t> batch;  // per call, so that several threads can infer on one Model at once
   for (size_t start = 0; start < total; start += chunk) {
     const size_t n = std::min(chunk, total - start);
-    impl_->buffer.resize(chunk * frame_bytes);
-    for (size_t i = 0; i < chunk; ++i) {  // a short last chunk is padded by repeating its last frame
-      const cv::Mat& src = prepared[start + std::min(i, n - 1)];
-      uint8_t* dst = impl_->buffer.data() + i * frame_bytes;
-      if (src.isContinuous()) std::memcpy(dst, src.data, frame_bytes);
-      else
-        for (int y = 0; y < src.rows; ++y) std::memcpy(dst + y * src.cols * 3, src.ptr(y), src.cols * 3);
+    const uint8_t* input = nullptr;
+    if (chunk == 1 && prepared[start].isContinuous()) {
+      input = prepared[start].data;  // one frame, already one block: hand it to the engine as it is
+    } else {
+      batch.resize(chunk * frame_bytes);
+      for (size_t i = 0; i < chunk; ++i) {  // a short last chunk is padded by repeating its last frame
+        const cv::Mat& src = prepared[start + std::min(i, n - 1)];
+        uint8_t* dst = batch.data() + i * frame_bytes;
+        if (src.isContinuous()) std::memcpy(dst, src.data, frame_bytes);
+        else
+          for (int y = 0; y < src.rows; ++y) std::memcpy(dst + y * src.cols * 3, src.ptr(y), src.cols * 3);
+      }
+      input = batch.data();
     }
-    auto outs = impl_->engine->run(impl_->buffer.data(), static_cast<int64_t>(chunk), in.height, in.width);
+    auto outs = impl_->engine->run(input, static_cast<int64_t>(chunk), in.height, in.width);
     const auto& score = outs[0];
     const auto& map = outs[1];
     if (score.data.size() != chunk || map.shape.size() != 4 || map.shape[0] != static_cast<int64_t>(chunk) || map.shape[1] != 1)

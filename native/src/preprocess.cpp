@@ -1,6 +1,8 @@
 // Host-side frame preparation, byte-identical to runtime/preprocess.py (fit_frame, fit_geometry, as_bgr):
 // same integer geometry, same OpenCV interpolation and the same whole-factor INTER_AREA pre-shrink.
 #include <algorithm>
+#include <cstdint>
+#include <vector>
 
 #include <opencv2/imgproc.hpp>
 
@@ -16,6 +18,38 @@ int interpolation(const std::string& resize) {
   throw Error("resize '" + resize + "': choose one of area, linear, nearest");
 }
 
+// cv::resize(src, dst, src.size() / k, INTER_AREA) for 8-bit images whose sides k (3..16) divides: OpenCV then
+// takes its whole-factor path, which computes every output value as saturate_cast<uchar>(sum of the k x k block *
+// (1.f / (k * k))) (round half to even), the same in OpenCV 4.6 and 5.0 (checked). This computes exactly that,
+// adding k rows at once and then k columns (~3x less CPU on a 1080p frame than OpenCV's per-pixel offset loop).
+// k = 2 is left to OpenCV: its SIMD path rounds half up there.
+bool area_shrink_whole(const cv::Mat& src, int k, cv::Mat& dst) {
+  if (src.depth() != CV_8U || k < 3 || k > 16 || src.cols % k != 0 || src.rows % k != 0) return false;
+  const int cn = src.channels(), dw = src.cols / k, dh = src.rows / k, row = src.cols * cn;
+  const float scale = 1.f / (k * k);
+  cv::Mat out(dh, dw, src.type());
+  std::vector<uint16_t> acc(static_cast<size_t>(row));  // <= 16 * 16 * 255 fits
+  for (int y = 0; y < dh; ++y) {
+    const uint8_t* r = src.ptr<uint8_t>(y * k);
+    for (int x = 0; x < row; ++x) acc[x] = r[x];
+    for (int j = 1; j < k; ++j) {
+      r = src.ptr<uint8_t>(y * k + j);
+      for (int x = 0; x < row; ++x) acc[x] = static_cast<uint16_t>(acc[x] + r[x]);
+    }
+    uint8_t* d = out.ptr<uint8_t>(y);
+    for (int x = 0; x < dw; ++x) {
+      const uint16_t* a = acc.data() + static_cast<size_t>(x) * k * cn;
+      for (int c = 0; c < cn; ++c) {
+        int sum = 0;
+        for (int i = 0; i < k; ++i) sum += a[i * cn + c];
+        d[x * cn + c] = cv::saturate_cast<uint8_t>(sum * scale);
+      }
+    }
+  }
+  dst = out;
+  return true;
+}
+
 // runtime.preprocess._resize: exactly (height, width) with the named interpolation.
 cv::Mat resize_to(const cv::Mat& frame, int height, int width, const std::string& resize) {
   if (frame.rows == height && frame.cols == width) return frame;
@@ -28,7 +62,8 @@ cv::Mat resize_to(const cv::Mat& frame, int height, int width, const std::string
     const int k = std::min(frame.rows / height, frame.cols / width);
     if (k >= 2) {
       cv::Mat shrunk;
-      cv::resize(frame, shrunk, cv::Size(frame.cols / k, frame.rows / k), 0, 0, cv::INTER_AREA);
+      if (!area_shrink_whole(frame, k, shrunk))
+        cv::resize(frame, shrunk, cv::Size(frame.cols / k, frame.rows / k), 0, 0, cv::INTER_AREA);
       src = shrunk;
     }
   }

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <mutex>
 
 #include <NvInfer.h>
 #include <cuda_runtime_api.h>
@@ -116,6 +117,7 @@ class TensorRTEngine final : public Engine {
   const std::vector<std::string>& extra_scores() const override { return extra_; }
 
   std::vector<Output> run(const uint8_t* nhwc, int64_t n, int height, int width) override {
+    std::lock_guard<std::mutex> lock(run_mutex_);  // one execution context and one set of buffers: one run at a time
     const char* in = inputs_[0].c_str();
     nvinfer1::Dims dims;
     dims.nbDims = 4;
@@ -202,6 +204,7 @@ class TensorRTEngine final : public Engine {
   std::vector<std::string> inputs_, outputs_, extra_, order_;
   std::map<std::string, Buffer> buffers_;
   int64_t allocated_n_ = -1;
+  std::mutex run_mutex_;
 };
 
 }  // namespace

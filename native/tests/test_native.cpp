@@ -34,6 +34,11 @@ TEST(Sha256, KnownVectors) {
   std::ofstream(dir / "abc", std::ios::binary) << "abc";
   EXPECT_EQ(file_sha256((dir / "empty").string()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   EXPECT_EQ(file_sha256((dir / "abc").string()), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  // 56 bytes: the length no longer fits the first block; 1,000,000 bytes: many blocks, partial reads
+  std::ofstream(dir / "two", std::ios::binary) << "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  EXPECT_EQ(file_sha256((dir / "two").string()), "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  std::ofstream(dir / "million", std::ios::binary) << std::string(1000000, 'a');
+  EXPECT_EQ(file_sha256((dir / "million").string()), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
   EXPECT_THROW(file_sha256((dir / "missing").string()), Error);
   fs::remove_all(dir);
 }
@@ -51,6 +56,25 @@ TEST(FitGeometry, PoliciesOnWideAndTallFrames) {
   auto t = fit_geometry(101, 37, 64, 64, "letterbox");  // tall: 37*64/101 = 23.4 -> 23
   EXPECT_EQ(t.paste, cv::Rect(20, 0, 23, 64));
   EXPECT_THROW(fit_geometry(10, 10, 4, 4, "zoom"), Error);
+}
+
+// fit_frame's own whole-factor INTER_AREA shrink (k >= 3) against OpenCV doing both steps itself.
+TEST(Preprocess, WholeFactorAreaShrinkMatchesOpenCv) {
+  struct Case { int rows, cols, h, w; };
+  const Case cases[] = {{1080, 1920, 256, 256}, {300, 450, 100, 100}, {770, 1155, 150, 200}, {999, 1332, 111, 148},
+                        {1080, 1920, 224, 320}, {64, 48, 4, 3}};
+  cv::RNG rng(11);
+  for (const auto& c : cases) {
+    cv::Mat frame(c.rows, c.cols, CV_8UC3);
+    rng.fill(frame, cv::RNG::UNIFORM, 0, 256);
+    const int k = std::min(c.rows / c.h, c.cols / c.w);
+    cv::Mat shrunk, want;
+    cv::resize(frame, shrunk, cv::Size(c.cols / k, c.rows / k), 0, 0, cv::INTER_AREA);
+    cv::resize(shrunk, want, cv::Size(c.w, c.h), 0, 0, cv::INTER_AREA);
+    const cv::Mat got = fit_frame(frame, c.h, c.w, "area", "stretch");
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_EQ(cv::norm(got, want, cv::NORM_INF), 0.0) << c.rows << "x" << c.cols << " -> " << c.h << "x" << c.w << " k=" << k;
+  }
 }
 
 TEST(Preprocess, GrayBgraAndSixteenBit) {

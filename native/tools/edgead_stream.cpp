@@ -9,13 +9,13 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
-#include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
 #include "common.hpp"
@@ -35,8 +35,10 @@ extern "C" void on_signal(int sig) { g_signal = sig; }
 
 const char* kUsage =
     "usage: edgead_stream (--camera N | --video FILE | --rtsp URL | --gstreamer PIPELINE | --images DIR) --model MODEL\n"
-    "                     [--backend auto|onnxruntime|tensorrt] [--threads N] [--batch N] [--policy latest|block]\n"
+    "                     [--backend auto|onnxruntime|tensorrt] [--threads N] [--batch N] [--workers N]\n"
+    "                     [--policy latest|block]\n"
     "                     [--max-frames N] [--jsonl PATH|-] [--save-ng DIR] [--save-maps DIR] [--summary PATH] [-q]\n"
+    "                     [--reader ffmpeg|opencv]\n"
     "\n"
     "Score a live stream frame by frame: image score, anomaly map, OK/NG (the native twin of python -m runtime.stream).\n"
     "  --camera N        camera index (0 = first camera)\n"
@@ -48,17 +50,21 @@ const char* kUsage =
     "  --backend B       auto (from the suffix), onnxruntime or tensorrt\n"
     "  --threads N       ONNX Runtime intra-op threads (default: EDGEAD_THREADS or all cores)\n"
     "  --batch N         micro-batch size (default 1)\n"
+    "  --workers N       batches scored at once, each by its own model call (default 1); results stay in\n"
+    "                    capture order. With N > 1 and no --threads, each call gets cores/N ONNX Runtime threads\n"
     "  --policy P        latest: drop stale frames (live default); block: score all (file default)\n"
     "  --max-frames N    stop after this many captured frames\n"
     "  --jsonl PATH      write per-frame JSON lines here instead of stdout ('-' = stdout)\n"
     "  --save-ng DIR     save NG frames with their heat-map overlay\n"
     "  --save-maps DIR   save every anomaly map as float32 .npy (map_<frame_id>.npy)\n"
     "  --summary PATH    write the end-of-run summary JSON here\n"
-    "  -q, --quiet       no per-frame JSON on stdout\n";
+    "  -q, --quiet       no per-frame JSON on stdout\n"
+    "  --reader R        --video/--rtsp decoding: ffmpeg (FFmpeg's libraries directly, default, leaner) or\n"
+    "                    opencv (cv::VideoCapture); cameras, GStreamer and folders always use OpenCV\n";
 
 struct Args {
-  std::string kind, target, model, backend = "auto", policy, jsonl, save_ng, save_maps, summary;
-  int threads = 0, batch = 1;
+  std::string kind, target, model, backend = "auto", policy, jsonl, save_ng, save_maps, summary, reader = "ffmpeg";
+  int threads = 0, batch = 1, workers = 1;
   long max_frames = -1;
   bool quiet = false;
 };
@@ -93,6 +99,7 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--backend") a.backend = need(i);
     else if (f == "--threads") a.threads = static_cast<int>(as_int(f, need(i)));
     else if (f == "--batch") a.batch = static_cast<int>(as_int(f, need(i)));
+    else if (f == "--workers") a.workers = static_cast<int>(as_int(f, need(i)));
     else if (f == "--policy") a.policy = need(i);
     else if (f == "--max-frames") a.max_frames = as_int(f, need(i));
     else if (f == "--jsonl") a.jsonl = need(i);
@@ -100,6 +107,7 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--save-maps") a.save_maps = need(i);
     else if (f == "--summary") a.summary = need(i);
     else if (f == "-q" || f == "--quiet") a.quiet = true;
+    else if (f == "--reader") a.reader = need(i);
     else throw std::invalid_argument("unknown argument " + f + " (see --help)");
   }
   if (sources != 1)
@@ -108,14 +116,16 @@ Args parse_args(int argc, char** argv) {
   if (!a.policy.empty() && a.policy != "latest" && a.policy != "block")
     throw std::invalid_argument("--policy " + a.policy + ": choose latest or block");
   if (a.batch < 1) throw std::invalid_argument("--batch must be >= 1");
+  if (a.workers < 1 || a.workers > 64) throw std::invalid_argument("--workers must be between 1 and 64");
   return a;
 }
 
 struct Item {
   long fid;
   double ts;               // wall clock, seconds since the epoch
-  Clock::time_point tcap;  // when the frame was captured
-  cv::Mat frame;
+  Clock::time_point tcap;  // when the frame was captured (decoded), before it was prepared
+  cv::Mat prepared;        // the model's input (Model::prepare), made on the capture thread
+  cv::Mat frame;           // the camera frame itself, kept only when an overlay will need it (--save-ng)
 };
 
 // Bounded frame buffer: "latest" drops the oldest when full, "block" makes the producer wait.
@@ -181,15 +191,24 @@ struct Capture {
   std::condition_variable cv;
   std::string error;
   long max_frames = -1;
+  // prepare() is const and thread-safe: fitting overlaps the previous inference. Shared, so that a capture
+  // thread left behind in a blocked read() never outlives the model it prepares for.
+  std::shared_ptr<const Model> model;
+  bool keep_frame = false;       // --save-ng draws on the full frame
 };
 
 void capture_loop(std::shared_ptr<Capture> c) {
   long fid = 0;
   try {
-    cv::Mat frame;
+    cv::Mat frame;  // decoded into the same memory frame after frame unless the buffer holds on to it
     while (!c->stop && c->source->read(frame)) {
-      if (!c->buffer->put({fid, wall_seconds(), Clock::now(), frame})) break;
-      frame = cv::Mat();  // the buffer owns that one; decode the next into fresh memory
+      if (c->stop) break;
+      const double ts = wall_seconds();
+      const auto tcap = Clock::now();
+      cv::Mat prepared = c->model->prepare(frame);
+      const bool shares = prepared.u == frame.u;  // a frame already at the model's size is passed through
+      if (!c->buffer->put({fid, ts, tcap, prepared, c->keep_frame ? frame : cv::Mat()})) break;
+      if (c->keep_frame || shares) frame = cv::Mat();  // the buffer owns that one; decode the next into fresh memory
       ++fid;
       if (c->max_frames >= 0 && fid >= c->max_frames) break;
     }
@@ -248,14 +267,16 @@ std::string frame_name(const std::string& prefix, long fid, const char* ext) {
 int main(int argc, char** argv) {
   Args args;
   std::shared_ptr<Capture> cap = std::make_shared<Capture>();
-  std::unique_ptr<Model> model;
+  std::shared_ptr<Model> model;
   try {
     args = parse_args(argc, argv);
-    cap->source = open_source(args.kind, args.target);
+    cap->source = open_source(args.kind, args.target, args.reader);
     Options opt;
     opt.backend = args.backend;
     opt.threads = args.threads;
-    model = std::make_unique<Model>(args.model, opt);
+    if (opt.threads == 0 && !std::getenv("EDGEAD_THREADS") && args.workers > 1)  // share the cores between the calls
+      opt.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / args.workers);
+    model = std::make_shared<Model>(args.model, opt);
     if (!args.save_ng.empty()) fs::create_directories(args.save_ng);
     if (!args.save_maps.empty()) fs::create_directories(args.save_maps);
   } catch (const std::exception& e) {  // SourceError, edgead::Error, bad arguments, unwritable folders
@@ -284,6 +305,8 @@ int main(int argc, char** argv) {
   const size_t batch = static_cast<size_t>(args.batch);
   cap->buffer = std::make_unique<Buffer>(latest ? batch : 4 * batch, latest);
   cap->max_frames = args.max_frames;
+  cap->model = model;
+  cap->keep_frame = !args.save_ng.empty();
 
   struct sigaction sa;
   std::memset(&sa, 0, sizeof sa);
@@ -302,21 +325,84 @@ int main(int argc, char** argv) {
   const auto t_start = Clock::now();
   auto last_report = t_start;
   std::thread(capture_loop, cap).detach();  // joined below through cap->done (bounded wait)
-  std::vector<Item> items;
-  try {
-    while (!g_signal) {
-      if (!cap->buffer->take(batch, items, std::chrono::milliseconds(100))) break;
-      if (items.empty()) continue;
+
+  // Scoring: `workers` threads take batches in capture order and run the model (one Model, one set of weights;
+  // ONNX Runtime runs them concurrently); this thread writes the results strictly in that order.
+  struct Scored {
+    std::vector<Item> items;
+    std::vector<Result> res;
+    double model_s = 0, busy_s = 0;
+    std::string error;  // the model call failed: nothing after this batch is reported
+  };
+  std::mutex take_m, done_m;
+  std::condition_variable done_cv;
+  std::map<long, Scored> done;  // finished batches waiting for their turn, by sequence number
+  long next_seq = 0;            // guarded by take_m
+  int running = args.workers;   // guarded by done_m
+  std::atomic<bool> stop_workers{false};
+  auto work = [&] {
+    std::vector<Item> items;
+    while (!stop_workers && !g_signal) {
+      long seq;
+      {
+        std::lock_guard<std::mutex> lk(take_m);  // taking and numbering together keeps capture order
+        if (!cap->buffer->take(batch, items, std::chrono::milliseconds(100))) break;
+        if (items.empty()) continue;
+        seq = next_seq++;
+      }
       const auto t_busy = Clock::now();
-      std::vector<cv::Mat> prepared;
-      for (const auto& it : items) prepared.push_back(model->prepare(it.frame));
-      const auto t0 = Clock::now();
-      const std::vector<Result> res = model->infer(prepared);
-      const auto t1 = Clock::now();
-      const double per_frame_model = std::chrono::duration<double>(t1 - t0).count() / items.size();
+      Scored sc;
+      try {
+        std::vector<cv::Mat> prepared;
+        prepared.reserve(items.size());
+        for (const auto& it : items) prepared.push_back(it.prepared);
+        const auto t0 = Clock::now();
+        sc.res = model->infer(prepared);
+        sc.model_s = std::chrono::duration<double>(Clock::now() - t0).count();
+      } catch (const std::exception& e) {
+        sc.error = e.what();
+        stop_workers = true;
+      }
+      sc.items = std::move(items);
+      sc.busy_s = std::chrono::duration<double>(Clock::now() - t_busy).count();
+      {
+        std::lock_guard<std::mutex> lk(done_m);
+        done.emplace(seq, std::move(sc));
+      }
+      done_cv.notify_all();
+    }
+    {
+      std::lock_guard<std::mutex> lk(done_m);
+      --running;
+    }
+    done_cv.notify_all();
+  };
+  std::vector<std::thread> workers;
+  for (int w = 0; w < args.workers; ++w) workers.emplace_back(work);
+
+  long next_out = 0;
+  try {
+    while (true) {
+      Scored sc;
+      {
+        std::unique_lock<std::mutex> lk(done_m);
+        done_cv.wait_for(lk, std::chrono::milliseconds(100), [&] { return done.count(next_out) > 0 || running == 0; });
+        auto found = done.find(next_out);
+        if (found == done.end()) {
+          if (running == 0) break;
+          continue;
+        }
+        sc = std::move(found->second);
+        done.erase(found);
+      }
+      ++next_out;
+      if (!sc.error.empty()) throw std::runtime_error(sc.error);
+      const auto t_out = Clock::now();
+      const auto& items = sc.items;
+      const double per_frame_model = sc.model_s / items.size();
       for (size_t i = 0; i < items.size(); ++i) {
         const Item& it = items[i];
-        const Result& r = res[i];
+        const Result& r = sc.res[i];
         const double latency = std::chrono::duration<double, std::milli>(Clock::now() - it.tcap).count();
         lat.push_back(latency);
         model_t.push_back(per_frame_model * 1e3);
@@ -333,7 +419,7 @@ int main(int argc, char** argv) {
         rec["model_ms"] = round_to(per_frame_model * 1e3, 3);
         if (r.is_ng && !args.save_ng.empty()) {
           const std::string path = (fs::path(args.save_ng) / frame_name("ng", it.fid, ".jpg")).string();
-          if (!cv::imwrite(path, overlay(it.frame, r.anomaly_map, r.image_score, true, pixel_thr)))
+          if (!write_image(path, overlay(it.frame, r.anomaly_map, r.image_score, true, pixel_thr)))
             throw std::runtime_error("cannot write " + path + "; check --save-ng is writable and has space");
           rec["saved"] = path;
           ng_saved.push_back(path);
@@ -350,7 +436,8 @@ int main(int argc, char** argv) {
       }
       scored += static_cast<long>(items.size());
       const auto now = Clock::now();
-      busy += std::chrono::duration<double>(now - t_busy).count();
+      // the scoring loop's busy time: the model threads' share plus writing the results
+      busy += sc.busy_s / args.workers + std::chrono::duration<double>(now - t_out).count();
       if (std::chrono::duration<double>(now - last_report).count() >= 5.0) {
         last_report = now;
         std::vector<double> recent(lat.end() - std::min<size_t>(lat.size(), 200), lat.end());
@@ -366,9 +453,11 @@ int main(int argc, char** argv) {
     error = e.what();
     log_line("ERROR", "stream stopped: " + error);
   }
+  stop_workers = true;
+  cap->buffer->close();  // a worker waiting for frames returns at once
+  for (auto& w : workers) w.join();
   if (g_signal && stopped_by != "error") stopped_by = g_signal == SIGINT ? "Ctrl-C" : "SIGTERM";
   cap->stop = true;
-  cap->buffer->close();
   {
     std::unique_lock<std::mutex> lk(cap->m);
     if (!cap->cv.wait_for(lk, std::chrono::seconds(5), [&] { return cap->done.load(); }))

@@ -1,125 +1,88 @@
+// Source selection for edgead_stream, and the loader of its OpenCV I/O module (opencv_io.cpp).
 #include "sources.hpp"
 
-#include <algorithm>
-#include <chrono>
-#include <cmath>
-#include <cstdio>
+#include <dlfcn.h>
+
+#include <cstdlib>
 #include <filesystem>
-#include <thread>
-
-#include <opencv2/core/utils/logger.hpp>
-#include <opencv2/imgcodecs.hpp>
-
-#include "edgead/edgead.hpp"
+#include <mutex>
 
 namespace fs = std::filesystem;
 
 namespace edgead {
 namespace {
 
-class CaptureSource final : public Source {
- public:
-  CaptureSource(std::string target, std::string kind, bool reconnect, int max_retries = 5)
-      : target_(std::move(target)), kind_(std::move(kind)), reconnect_(reconnect), max_retries_(max_retries) {
-    live = kind_ == "camera" || kind_ == "rtsp" || kind_ == "gstreamer";
-    name = kind_ + ":" + target_;
-    open();
-  }
+#ifndef EDGEAD_IO_MODULE_INSTALLED
+#define EDGEAD_IO_MODULE_INSTALLED "../lib/edgead/libedgead_opencv_io.so"
+#endif
+constexpr const char* kModule = "libedgead_opencv_io.so";
 
-  bool read(cv::Mat& frame) override {
-    int retries = 0;
-    while (true) {
-      if (cap_.read(frame) && !frame.empty()) return true;
-      if (!(reconnect_ && live)) return false;  // end of file, or a dead camera: stop cleanly
-      if (++retries > max_retries_)
-        throw SourceError(name + ": stream lost and " + std::to_string(max_retries_) + " reconnects failed; giving up");
-      const double delay = std::min(30.0, 0.5 * std::pow(2.0, retries));
-      std::fprintf(stderr, "WARNING %s: stream lost, reconnecting in %.1fs (try %d/%d)\n", name.c_str(), delay, retries,
-                   max_retries_);
-      std::this_thread::sleep_for(std::chrono::duration<double>(delay));
-      cap_.release();
-      try {
-        open();
-      } catch (const SourceError& e) {
-        std::fprintf(stderr, "WARNING %s\n", e.what());
+using OpenFn = Source* (*)(const char*, const char*, char*, size_t);
+using WriteFn = int (*)(const char*, const cv::Mat*);
+
+struct IoModule {
+  OpenFn open = nullptr;
+  WriteFn write = nullptr;
+};
+
+// Loaded once per process and never unloaded (sources it made point into it).
+const IoModule& io_module() {
+  static IoModule m;
+  static std::string error;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    std::vector<std::string> tried;
+    if (const char* env = std::getenv("EDGEAD_IO_MODULE")) tried.push_back(env);
+    std::error_code ec;
+    const fs::path exe_dir = fs::read_symlink("/proc/self/exe", ec).parent_path();
+    if (!ec) {
+      tried.push_back((exe_dir / kModule).string());                     // build tree
+      tried.push_back((exe_dir / EDGEAD_IO_MODULE_INSTALLED).string());  // cmake --install layout
+    }
+    for (const auto& path : tried) {
+      if (!fs::exists(path)) continue;
+      void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+      if (!h) {
+        error = std::string(kModule) + " at " + path + " does not load (" + dlerror() + "); rebuild with `make native`";
+        return;
       }
+      m.open = reinterpret_cast<OpenFn>(dlsym(h, "edgead_io_open_source"));
+      m.write = reinterpret_cast<WriteFn>(dlsym(h, "edgead_io_imwrite"));
+      if (!m.open || !m.write) error = path + " is not edgead's OpenCV I/O module; rebuild with `make native`";
+      return;
     }
-  }
-
-  void close() override { cap_.release(); }
-
- private:
-  void open() {
-    // OpenCV prints its own multi-line warnings for a camera that does not open; we print one line instead
-    const auto level = cv::utils::logging::getLogLevel();
-    cv::utils::logging::setLogLevel(cv::utils::logging::LOG_LEVEL_SILENT);
-    if (kind_ == "camera") cap_.open(std::stoi(target_));
-    else if (kind_ == "gstreamer") cap_.open(target_, cv::CAP_GSTREAMER);
-    else cap_.open(target_);
-    cv::utils::logging::setLogLevel(level);
-    if (!cap_.isOpened()) {
-      std::string hint;
-      if (kind_ == "camera") hint = "check the index (try 0, 1), that no other program holds it, and permissions on /dev/video*";
-      else if (kind_ == "video") hint = "check the path and that OpenCV can decode the codec";
-      else if (kind_ == "rtsp") hint = "check the URL, credentials and network";
-      else hint = "check the pipeline and that OpenCV was built with GStreamer";
-      const std::string shown = kind_ == "camera" ? target_ : "'" + target_ + "'";
-      throw SourceError("cannot open " + kind_ + " " + shown + ": " + hint);
-    }
-  }
-
-  std::string target_, kind_;
-  bool reconnect_;
-  int max_retries_;
-  cv::VideoCapture cap_;
-};
-
-class FolderSource final : public Source {
- public:
-  explicit FolderSource(const std::string& folder) {
-    if (!fs::is_directory(folder)) throw SourceError("image folder " + folder + " not found");
-    for (const auto& e : fs::directory_iterator(folder)) {
-      std::string ext = e.path().extension().string();
-      std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-      if (ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp" || ext == ".tif" || ext == ".tiff")
-        files_.push_back(e.path().string());
-    }
-    if (files_.empty())
-      throw SourceError("image folder " + folder + " holds no images (.png, .jpg, .jpeg, .bmp, .tif, .tiff)");
-    std::sort(files_.begin(), files_.end());
-    name = "folder:" + folder;
-  }
-
-  bool read(cv::Mat& frame) override {
-    if (next_ >= files_.size()) return false;
-    const std::string& p = files_[next_++];
-    cv::Mat img = cv::imread(p, cv::IMREAD_UNCHANGED);
-    if (img.empty()) throw SourceError(p + ": not a readable image (corrupt or unsupported format); remove or replace it");
-    frame = as_bgr(img);
-    return true;
-  }
-
- private:
-  std::vector<std::string> files_;
-  size_t next_ = 0;
-};
+    std::string where;
+    for (const auto& p : tried) where += (where.empty() ? "" : ", ") + p;
+    error = std::string(kModule) + " (OpenCV cameras, GStreamer, image folders, --save-ng) not found (looked at " + where +
+            "); rebuild with `make native` or reinstall with `cmake --install`";
+  });
+  if (!error.empty()) throw SourceError(error);
+  return m;
+}
 
 }  // namespace
 
-std::unique_ptr<Source> open_source(const std::string& kind, const std::string& target) {
+std::unique_ptr<Source> open_source(const std::string& kind, const std::string& target, const std::string& reader) {
+  if (reader != "ffmpeg" && reader != "opencv") throw SourceError("--reader " + reader + ": choose ffmpeg or opencv");
   if (kind == "camera") {
     if (target.empty() || target.find_first_not_of("0123456789") != std::string::npos)
       throw SourceError("--camera " + target + ": give a camera index (0 = first camera)");
-    return std::make_unique<CaptureSource>(target, "camera", false);
-  }
-  if (kind == "video") {
+  } else if (kind == "video") {
     if (!fs::is_regular_file(target)) throw SourceError("video file " + target + " not found");
-    return std::make_unique<CaptureSource>(target, "video", false);
+  } else if (kind == "images") {
+    if (!fs::is_directory(target)) throw SourceError("image folder " + target + " not found");
+  } else if (kind != "rtsp" && kind != "gstreamer") {
+    throw SourceError("unknown source kind " + kind);
   }
-  if (kind == "rtsp") return std::make_unique<CaptureSource>(target, "rtsp", true);
-  if (kind == "gstreamer") return std::make_unique<CaptureSource>(target, "gstreamer", true);
-  if (kind == "images") return std::make_unique<FolderSource>(target);
-  throw SourceError("unknown source kind " + kind);
+  if ((kind == "video" || kind == "rtsp") && reader == "ffmpeg") return open_ffmpeg_source(kind, target);
+  char error[512] = {0};
+  Source* s = io_module().open(kind.c_str(), target.c_str(), error, sizeof error);
+  if (!s) throw SourceError(error);
+  return std::unique_ptr<Source>(s);
+}
+
+bool write_image(const std::string& path, const cv::Mat& image) {
+  return io_module().write(path.c_str(), &image) == 1;
 }
 
 }  // namespace edgead

@@ -7,7 +7,6 @@
 #include <vector>
 
 #include <opencv2/core.hpp>
-#include <opencv2/videoio.hpp>
 
 namespace edgead {
 
@@ -20,14 +19,22 @@ class SourceError : public std::runtime_error {
 class Source {
  public:
   virtual ~Source() = default;
-  // Next frame (BGR uint8); false at the end of the stream.
+  // Next frame (BGR uint8) into `frame`, reusing its memory when it can; false at the end of the stream.
   virtual bool read(cv::Mat& frame) = 0;
   virtual void close() {}
   bool live = false;  // frames arrive on their own clock (camera, RTSP): drop stale ones
   std::string name = "source";
 };
 
-// kind: camera | video | rtsp | gstreamer | images
-std::unique_ptr<Source> open_source(const std::string& kind, const std::string& target);
+// kind: camera | video | rtsp | gstreamer | images. reader: for video and rtsp, "ffmpeg" (FFmpeg's libraries
+// directly, the default) or "opencv" (cv::VideoCapture, through the OpenCV I/O module); other kinds always
+// go through the OpenCV I/O module.
+std::unique_ptr<Source> open_source(const std::string& kind, const std::string& target, const std::string& reader = "ffmpeg");
+
+// cv::imwrite through the OpenCV I/O module (loaded on first use); false when it cannot write.
+bool write_image(const std::string& path, const cv::Mat& image);
+
+// ffmpeg_source.cpp: video file or RTSP through libavformat/libavcodec/libswscale.
+std::unique_ptr<Source> open_ffmpeg_source(const std::string& kind, const std::string& target);
 
 }  // namespace edgead

@@ -5,7 +5,8 @@
 //   edgead::Result r = model.predict(frame_bgr);  // any size, uint8 gray / BGR / BGRA (OpenCV order)
 //   r.image_score, r.is_ng, r.anomaly_map (CV_32F, graph input size), r.scores (extra named [N] outputs)
 //
-// No global state. A Model is not meant to be shared between threads: open one per thread.
+// No global state. prepare() and infer() may be called from several threads at once on one Model (one set
+// of weights in memory; ONNX Runtime runs the calls concurrently, the TensorRT engine one after another).
 #pragma once
 
 #include <cstdint>
@@ -105,7 +106,7 @@ class Model {
 
   // Frame -> (height, width, 3) uint8 in the graph's colour order (what the graph receives).
   cv::Mat prepare(const cv::Mat& frame) const;
-  // Prepared frames -> results; splits / pads to a fixed graph batch size.
+  // Prepared frames -> results; splits / pads to a fixed graph batch size. Safe to call from several threads.
   std::vector<Result> infer(const std::vector<cv::Mat>& prepared);
 
   const Sidecar& sidecar() const;

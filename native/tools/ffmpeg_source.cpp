@@ -1,0 +1,198 @@
+// Video files and RTSP through FFmpeg's libraries directly (libavformat, libavcodec, libswscale): the same
+// calls OpenCV's FFmpeg capture backend makes (demux, decode, sws_scale to BGR24 with SWS_BICUBIC at the
+// frame's own size), so the frames are the same bytes, without linking OpenCV's videoio/imgcodecs and the
+// ~240 shared libraries they pull in (GDAL, GStreamer, ...): ~35 MB less resident memory in edgead_stream.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <thread>
+
+extern "C" {
+#include <libavcodec/avcodec.h>
+#include <libavformat/avformat.h>
+#include <libavutil/imgutils.h>
+#include <libswscale/swscale.h>
+}
+
+#include "sources.hpp"
+
+namespace edgead {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string av_error(int code) {
+  char buf[AV_ERROR_MAX_STRING_SIZE] = {0};
+  av_strerror(code, buf, sizeof buf);
+  return buf;
+}
+
+class FfmpegSource final : public Source {
+ public:
+  FfmpegSource(std::string target, std::string kind, bool reconnect, int max_retries = 5)
+      : target_(std::move(target)), kind_(std::move(kind)), reconnect_(reconnect), max_retries_(max_retries) {
+    live = kind_ == "rtsp";
+    name = kind_ + ":" + target_;
+    open();
+  }
+  ~FfmpegSource() override { release(); }
+
+  bool read(cv::Mat& frame) override {
+    int retries = 0;
+    while (true) {
+      if (fmt_ && next(frame)) return true;
+      if (!(reconnect_ && live)) return false;  // end of file: stop cleanly
+      if (++retries > max_retries_)
+        throw SourceError(name + ": stream lost and " + std::to_string(max_retries_) + " reconnects failed; giving up");
+      const double delay = std::min(30.0, 0.5 * std::pow(2.0, retries));
+      std::fprintf(stderr, "WARNING %s: stream lost, reconnecting in %.1fs (try %d/%d)\n", name.c_str(), delay, retries,
+                   max_retries_);
+      std::this_thread::sleep_for(std::chrono::duration<double>(delay));
+      release();
+      try {
+        open();
+      } catch (const SourceError& e) {
+        std::fprintf(stderr, "WARNING %s\n", e.what());
+      }
+    }
+  }
+
+  void close() override { release(); }
+
+ private:
+  // FFmpeg calls this while it blocks in network I/O: give up after the deadline (OpenCV: 30 s open, 30 s read)
+  static int interrupt(void* self) {
+    auto* s = static_cast<FfmpegSource*>(self);
+    return Clock::now() > s->deadline_ ? 1 : 0;
+  }
+
+  void fail_open(const std::string& why) {
+    release();
+    const std::string hint = kind_ == "rtsp" ? "check the URL, credentials and network"
+                                             : "check the path and that FFmpeg can decode the codec";
+    const std::string shown = "'" + target_ + "'";
+    throw SourceError("cannot open " + kind_ + " " + shown + ": " + hint + " (" + why + ")");
+  }
+
+  void open() {
+    av_log_set_level(AV_LOG_ERROR);
+    fmt_ = avformat_alloc_context();
+    fmt_->interrupt_callback.callback = &FfmpegSource::interrupt;
+    fmt_->interrupt_callback.opaque = this;
+    deadline_ = Clock::now() + std::chrono::seconds(30);
+    AVDictionary* opts = nullptr;
+    if (kind_ == "rtsp") av_dict_set(&opts, "rtsp_transport", "tcp", 0);  // OpenCV's default too
+    int rc = avformat_open_input(&fmt_, target_.c_str(), nullptr, &opts);
+    av_dict_free(&opts);
+    if (rc < 0) {
+      fmt_ = nullptr;  // freed by avformat_open_input on failure
+      fail_open(av_error(rc));
+    }
+    if ((rc = avformat_find_stream_info(fmt_, nullptr)) < 0) fail_open(av_error(rc));
+    const AVCodec* codec = nullptr;
+    stream_ = av_find_best_stream(fmt_, AVMEDIA_TYPE_VIDEO, -1, -1, &codec, 0);
+    if (stream_ < 0 || !codec) fail_open("no decodable video stream");
+    dec_ = avcodec_alloc_context3(codec);
+    if (!dec_ || avcodec_parameters_to_context(dec_, fmt_->streams[stream_]->codecpar) < 0) fail_open("decoder setup");
+    // one decoding thread: the cores belong to the model; decoding overlaps inference on its own thread
+    dec_->thread_count = 1;
+    if ((rc = avcodec_open2(dec_, codec, nullptr)) < 0) fail_open(av_error(rc));
+    pkt_ = av_packet_alloc();
+    yuv_ = av_frame_alloc();
+    eof_ = false;
+  }
+
+  void release() {
+    if (sws_) sws_freeContext(sws_);
+    sws_ = nullptr;
+    av_frame_free(&yuv_);
+    av_frame_free(&bgr_);
+    av_packet_free(&pkt_);
+    avcodec_free_context(&dec_);
+    if (fmt_) avformat_close_input(&fmt_);
+    fmt_ = nullptr;
+  }
+
+  // Next decoded frame as BGR24 into `frame` (reusing its memory when it is this size and not shared).
+  bool next(cv::Mat& frame) {
+    while (true) {
+      int rc = avcodec_receive_frame(dec_, yuv_);
+      if (rc == 0) {
+        convert(frame);
+        av_frame_unref(yuv_);
+        return true;
+      }
+      if (rc == AVERROR_EOF) return false;
+      if (rc != AVERROR(EAGAIN)) throw SourceError(name + ": decoding failed (" + av_error(rc) + ")");
+      if (eof_) return false;
+      deadline_ = Clock::now() + std::chrono::seconds(30);
+      rc = av_read_frame(fmt_, pkt_);
+      if (rc < 0) {  // end of file, or a lost stream: drain what the decoder still holds
+        eof_ = true;
+        avcodec_send_packet(dec_, nullptr);
+        continue;
+      }
+      if (pkt_->stream_index == stream_) {
+        rc = avcodec_send_packet(dec_, pkt_);
+        if (rc < 0 && rc != AVERROR(EAGAIN)) {
+          av_packet_unref(pkt_);
+          throw SourceError(name + ": decoding failed (" + av_error(rc) + ")");
+        }
+      }
+      av_packet_unref(pkt_);
+    }
+  }
+
+  // As OpenCV's FFmpeg backend: convert the whole coded picture (coded_width x coded_height: swscale picks its
+  // conversion path from the size and the destination's alignment, and a different path gives different
+  // colours at chroma edges) into a 32-byte-aligned picture, then crop to the visible size.
+  void convert(cv::Mat& frame) {
+    const int w = yuv_->width, h = yuv_->height;
+    const int cw = std::max(dec_->coded_width, w), ch = std::max(dec_->coded_height, h);
+    sws_ = sws_getCachedContext(sws_, cw, ch, static_cast<AVPixelFormat>(yuv_->format), cw, ch, AV_PIX_FMT_BGR24,
+                                SWS_BICUBIC, nullptr, nullptr, nullptr);
+    if (!sws_) throw SourceError(name + ": cannot convert pixel format " + std::to_string(yuv_->format) + " to BGR");
+    if (frame.u && frame.u->refcount > 1) frame = cv::Mat();  // someone else still holds that one
+    frame.create(h, w, CV_8UC3);
+    if (cw == w && ch == h && (w * 3) % 32 == 0 && frame.isContinuous()) {  // the same picture: convert in place
+      uint8_t* dst[4] = {frame.data, nullptr, nullptr, nullptr};
+      int stride[4] = {w * 3, 0, 0, 0};
+      sws_scale(sws_, yuv_->data, yuv_->linesize, 0, ch, dst, stride);
+      return;
+    }
+    if (!bgr_ || bgr_->width != cw || bgr_->height != ch) {
+      av_frame_free(&bgr_);
+      bgr_ = av_frame_alloc();
+      bgr_->format = AV_PIX_FMT_BGR24;
+      bgr_->width = cw;
+      bgr_->height = ch;
+      if (!bgr_ || av_frame_get_buffer(bgr_, 32) != 0) throw SourceError(name + ": out of memory for a " +
+                                                                          std::to_string(cw) + "x" + std::to_string(ch) + " frame");
+    }
+    sws_scale(sws_, yuv_->data, yuv_->linesize, 0, ch, bgr_->data, bgr_->linesize);
+    cv::Mat(h, w, CV_8UC3, bgr_->data[0], static_cast<size_t>(bgr_->linesize[0])).copyTo(frame);
+  }
+
+  std::string target_, kind_;
+  bool reconnect_;
+  int max_retries_;
+  AVFormatContext* fmt_ = nullptr;
+  AVCodecContext* dec_ = nullptr;
+  AVPacket* pkt_ = nullptr;
+  AVFrame* yuv_ = nullptr;
+  AVFrame* bgr_ = nullptr;  // the coded-size picture, when it cannot be converted in place
+  SwsContext* sws_ = nullptr;
+  int stream_ = -1;
+  bool eof_ = false;
+  Clock::time_point deadline_;
+};
+
+}  // namespace
+
+std::unique_ptr<Source> open_ffmpeg_source(const std::string& kind, const std::string& target) {
+  return std::make_unique<FfmpegSource>(target, kind, kind == "rtsp");
+}
+
+}  // namespace edgead

@@ -212,7 +212,7 @@ def image_count_advice(n: int) -> str | None:
         return (f"only {n} good images: the new memory may miss normal variation and raise false alarms; "
                 f"{lo}-{hi} good images covering the usual variation are recommended")
     if n < lo:
-        return f"{n} good images: usable; {lo}-{hi} covering the usual variation give steadier thresholds"
+        return f"{n} good images: usable; {lo}-{hi} recommended (covering the usual variation) for steadier thresholds"
     return None
 
 

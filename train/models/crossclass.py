@@ -18,8 +18,9 @@ Pieces, in the order of the method:
   image score = map maximum.
 
 Training is episodic: the frozen features of every training class are computed once; each episode picks
-a class, one of its prototype sets (k-means of a random 10-100-image subset, as onboarding would see) and
-a batch of that class's images not in the subset, and trains the predictor to predict masked features.
+a class, one of its prototype sets (k-means of a random 10-100-image subset, as onboarding would see), a
+batch of that class's images not in the subset and one mask group (1/G of the fused graph's cost), and
+trains the predictor to predict the masked features.
 The model so learns to use whatever prototypes it is given.
 
 The prototypes are read by the graph only as the direct operand of MatMuls (attention logits, attention
@@ -180,15 +181,18 @@ class MaskedPredictor(nn.Module):
         self.predict = TokenLinear(d, feat_dim)
         self.register_buffer("masks", masks.view(masks.shape[0], 1, -1, 1), persistent=False)  # [G,1,P,1]
 
-    def forward(self, tokens: torch.Tensor, memory: PrototypeMemory) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, memory: PrototypeMemory, group: int | None = None) -> torch.Tensor:
+        """tokens [N,P,C] -> predictions [N,P,C]. ``group``: only that mask's copy (training: 1/G of the cost;
+        the prediction is then valid where ``masks[group]`` is 1)."""
         p = int(tokens.shape[1])
+        masks = self.masks if group is None else self.masks[group:group + 1]
         x = self.embed(tokens).unsqueeze(0)  # [1,N,P,d]
-        x = x * (1.0 - self.masks) + self.mask_token * self.masks + self.pos  # [G,N,P,d]
+        x = x * (1.0 - masks) + self.mask_token * masks + self.pos  # [G,N,P,d]
         x = x.reshape(-1, p, x.shape[-1])  # [G*N,P,d]
         for blk in self.blocks:
             x = blk(x, memory)
-        pred = self.predict(self.norm(x)).reshape(self.masks.shape[0], -1, p, tokens.shape[-1])  # [G,N,P,C]
-        return torch.sum(pred * self.masks, dim=0)  # each patch from the copy in which it was masked
+        pred = self.predict(self.norm(x)).reshape(masks.shape[0], -1, p, tokens.shape[-1])  # [G,N,P,C]
+        return torch.sum(pred * masks, dim=0)  # each patch from the copy in which it was masked
 
 
 # ----------------------------------------------------------------------------- model
@@ -301,6 +305,7 @@ def fit_crossclass(model: CrossClass, fit_frames: np.ndarray, train_cfg, device:
     steps = int(train_cfg.steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
     history = []
+    groups = int(model.predictor.masks.shape[0])
     model.predictor.train()
     bar = tqdm(range(steps), desc="episodes", disable=steps < 20)
     for step in bar:
@@ -317,8 +322,10 @@ def fit_crossclass(model: CrossClass, fit_frames: np.ndarray, train_cfg, device:
             x = torch.flip(x, dims=(2,))
         model.set_prototypes(centres)
         tokens = x.flatten(2).transpose(1, 2)  # training only (eager)
-        pred = model.predictor(tokens, model.memory)
-        loss = torch.mean((pred - tokens) ** 2) / var
+        g = int(rng.integers(groups))  # one mask per episode: each patch is predicted while masked
+        pred = model.predictor(tokens, model.memory, g)
+        m = model.predictor.masks[g, 0, :, 0]
+        loss = torch.sum(torch.mean((pred - tokens) ** 2, dim=-1) * m) / (m.sum() * len(tokens) * var)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.predictor.parameters(), 1.0)

@@ -98,9 +98,14 @@ def subset(data: Path, n: int, work: Path) -> str:
     return str(dst.parent.parent)
 
 
-def train_and_export(model: str, data: list[str], out: Path, args, kwargs: dict, steps: int) -> tuple[Path, float]:
+def train_and_export(model: str, data: list[str], out: Path, args, kwargs: dict, steps: int) -> tuple[Path, float | None]:
+    """Train + export (fp32, dynamic batch); ``--reuse``: an earlier run's export in ``out`` (time None)."""
     from export.onnx_export import export_onnx
     from train.loop import TrainConfig, train
+
+    if args.reuse and (out / "model.onnx").is_file() and (out / "model.onnx.json").is_file():
+        log.info("reusing %s", out / "model.onnx")
+        return out / "model.onnx", None
 
     cfg = TrainConfig(data=data if len(data) > 1 else data[0], out=str(out), model=model,
                       image_size=f"{args.image_size}x{args.image_size}", steps=steps, seed=args.seed, save_every=0,
@@ -127,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="crossclass option (repeatable)")
     p.add_argument("--train-images", type=int, default=40, help="good images per training class (CPU budget)")
     p.add_argument("--onboard", type=int, default=100, help="good images per onboarding (default 100)")
-    p.add_argument("--curve-classes", nargs="*", default=[], help="unseen classes also onboarded from 10/20/50/100")
+    p.add_argument("--curve-classes", nargs="*", default=[], help="unseen classes also onboarded from --curve sizes")
+    p.add_argument("--curve", type=int, nargs="+", default=[10, 20, 50, 100], help="onboarding curve sizes")
     p.add_argument("--work", default="/tmp/crossclass_bench")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="reuse models trained and exported by an earlier run in --work")
     p.add_argument("--name", default=None, help="result file name in benchmarks/results/")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -139,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     seen_names, unseen_names = PROTOCOLS[args.protocol]
     work = Path(args.work) / args.protocol
     seen = [subset(root / c, args.train_images, work / "seen") for c in seen_names if (root / c).is_dir()]
-    unseen = [root / c for c in unseen_names if (root / c).is_dir() and (args.unseen is None or c in args.unseen)]
-    unseen += [Path(d) for d in args.extra_unseen]
+    unseen = [Path(d) for d in args.extra_unseen]  # first: real classes matter most when a run is cut short
+    unseen += [root / c for c in unseen_names if (root / c).is_dir() and (args.unseen is None or c in args.unseen)]
     if not seen or not unseen:
         p.error(f"{root}: no training or no unseen classes of {args.protocol}; write them with "
                 "`python -m runtime.synthetic_classes --out DIR --real-textures --train 100`")
@@ -152,28 +159,39 @@ def main(argv: list[str] | None = None) -> int:
                                            parse_model_args(args.model_arg), args.episodes)
     pc_onnx, pc_train_s = train_and_export("patchcore_lite", seen[:1], work / "memorybank", args, {}, 1)
     per_class, curves = {}, {}
-    for data in unseen:
+
+    def payload(complete: bool) -> dict:
+        return {
+            "protocol": args.protocol, "seen": [Path(s).name for s in seen], "unseen": [u.name for u in unseen],
+            "complete": complete, "image_size": args.image_size, "episodes": args.episodes,
+            "train_images_per_class": args.train_images, "onboard_images": args.onboard,
+            "crossclass_options": parse_model_args(args.model_arg),
+            "train_seconds": {"crossclass": cc_train_s and round(cc_train_s, 1),
+                              "memory_bank": pc_train_s and round(pc_train_s, 1)},
+            "per_class": per_class, "mean": {f: _mean(per_class, f) for f in ("crossclass", "memory_bank")} if per_class else None,
+            "onboarding_curve": curves, "cpu_threads": os.cpu_count(), "load_average_after": os.getloadavg(),
+            "notes": "onboarding = python -m calibration fit (calibration.field.calibrate) on the first N train/good "
+                     "images, any aspect accepted; metrics of the rewritten ONNX through ONNX Runtime on CPU; "
+                     "the CPU was shared with other jobs (see load_average_after): wall times are upper bounds",
+        }
+
+    name = args.name or f"crossclass_{args.protocol}.json"
+    for data in unseen:  # results written after every class: a long run that is stopped keeps what it measured
         per_class[data.name] = {"crossclass": onboard(cc_onnx, data, args.onboard, work),
                                 "memory_bank": onboard(pc_onnx, data, args.onboard, work)}
+        write_result(name, payload(False))
         if data.name in args.curve_classes:
-            curves[data.name] = {fam: [per_class[data.name][fam] if n == args.onboard else onboard(o, data, n, work)
-                                       for n in (10, 20, 50, 100)]
-                                 for fam, o in (("crossclass", cc_onnx), ("memory_bank", pc_onnx))}
-    payload = {
-        "protocol": args.protocol, "seen": [Path(s).name for s in seen], "unseen": [u.name for u in unseen],
-        "image_size": args.image_size, "episodes": args.episodes, "train_images_per_class": args.train_images, "onboard_images": args.onboard,
-        "crossclass_options": parse_model_args(args.model_arg),
-        "train_seconds": {"crossclass": round(cc_train_s, 1), "memory_bank": round(pc_train_s, 1)},
-        "per_class": per_class, "mean": {f: _mean(per_class, f) for f in ("crossclass", "memory_bank")},
-        "onboarding_curve": curves, "cpu_threads": os.cpu_count(), "load_average_after": os.getloadavg(),
-        "notes": "onboarding = python -m calibration fit (calibration.field.calibrate) on the first N train/good "
-                 "images, any aspect accepted; metrics of the rewritten ONNX through ONNX Runtime on CPU",
-    }
-    path = write_result(args.name or f"crossclass_{args.protocol}.json", payload)
+            curves[data.name] = {}
+            for fam, o in (("crossclass", cc_onnx), ("memory_bank", pc_onnx)):
+                curves[data.name][fam] = [per_class[data.name][fam] if n == args.onboard else onboard(o, data, n, work)
+                                          for n in args.curve]
+                write_result(name, payload(False))
+    path = write_result(name, payload(True))
+    final = payload(True)
     for name, r in per_class.items():
         log.info("%-10s crossclass %s | memory bank %s", name, {k: round(r['crossclass'][k], 3) for k in METRICS},
                  {k: round(r['memory_bank'][k], 3) for k in METRICS})
-    log.info("mean: %s", payload["mean"])
+    log.info("mean: %s", final["mean"])
     print(path)
     return 0
 

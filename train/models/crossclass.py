@@ -332,8 +332,9 @@ def fit_crossclass(model: CrossClass, fit_frames: np.ndarray, train_cfg, device:
         opt.step()
         sched.step()
         if step % 10 == 0 or step == steps - 1:
-            history.append({"step": step, "loss": float(loss), "class": c})
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            lv = float(loss.detach())
+            history.append({"step": step, "loss": lv, "class": c})
+            bar.set_postfix(loss=f"{lv:.4f}")
     model.predictor.eval()
     # deployed prototypes until onboarding replaces them: k-means of every training patch
     model.set_prototypes(kmeans(patches(feats), cfg.prototypes, cfg.kmeans_iters, seed=train_cfg.seed))

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -156,6 +157,7 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
 class CalibrationResult(HeadFit):
     class_name: str | None = None
     memory: dict | None = None  # what a memory refit did (graphs with a memory)
+    seconds: float | None = None  # wall time of the whole fit (reading images included)
 
 
 def graph_scorer(model_path: Path, sc) -> GraphPart:
@@ -302,6 +304,7 @@ def calibrate(model_path: str | Path, good: str, defects: str | None = None, tar
     ``class_name``: only fit that product class's threshold of a multi-class model (constants kept).
     ``backup=False`` for a model the caller has just written itself (export's INT8 refit):
     a ``.bak`` of it would only be litter."""
+    t0 = time.perf_counter()
     model = Model(model_path, warmup=0)
     g = collect(model, iter_images(good, max_images), any_aspect=any_aspect)
     if class_name is not None:
@@ -312,6 +315,12 @@ def calibrate(model_path: str | Path, good: str, defects: str | None = None, tar
     model.close()
     if not dry_run:
         apply(model_path, result, source=str(good), backup=backup)
+    result.seconds = time.perf_counter() - t0
+    if result.memory:
+        log.info("new %s memory: %d rows from %d good images (%d patches)%s", result.memory.get("method", "coreset"),
+                 result.memory["rows"], result.memory["n_images"], result.memory["patches"],
+                 "" if dry_run else f"; previous model kept as {Path(model_path).name}.bak" if backup else "")
+    log.info("done in %.1fs", result.seconds)
     log.info("calibrated %s on %d images: threshold %.4f (%s), expected FPR %s, FPR on these images %s",
              model_path, result.n_images, result.thresholds.image, result.thresholds.method,
              result.thresholds.expected_fpr, result.thresholds.fit_fpr)
@@ -319,7 +328,7 @@ def calibrate(model_path: str | Path, good: str, defects: str | None = None, tar
 
 
 def summary(result: CalibrationResult) -> dict:
-    return {"n_images": result.n_images, "class": result.class_name,
+    return {"n_images": result.n_images, "class": result.class_name, "seconds": result.seconds, "memory": result.memory,
             "normalization": dataclasses.asdict(result.normalization),
             "gaussian": dataclasses.asdict(result.gaussian), "score": dataclasses.asdict(result.score),
             "thresholds": dataclasses.asdict(result.thresholds),

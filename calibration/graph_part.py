@@ -60,7 +60,10 @@ class GraphPart:
             raise ArtifactError(f"{onnx_path}: cannot cut the scoring part out of the graph ({e}); re-export it") from e
         if sorted(i.name for i in sub.graph.input) != sorted(self.inputs):
             raise ArtifactError(f"{onnx_path}: the scores do not depend on {self.inputs} alone; re-export the model")
-        for v in list(sub.graph.input) + list(sub.graph.output):  # score any number of images at once
+        # score any number of images at once: drop inferred intermediate shapes (a batch-1 export records
+        # batch 1 there, and ONNX Runtime's optimizer would bake it into the reshapes it inserts)
+        del sub.graph.value_info[:]
+        for v in list(sub.graph.input) + list(sub.graph.output):
             dims = v.type.tensor_type.shape.dim
             if len(dims):
                 dims[0].ClearField("dim_value")

@@ -1,4 +1,4 @@
-"""Memory banks of patch features (memory-bank families): the coreset, in numpy, and field refits.
+"""Memories of patch features (memory banks, class prototypes): coreset and k-means in numpy, field refits.
 
 A graph that declares a memory (sidecar ``family_params["memory"]``, written by export from the
 model's ``family_params()``) scores each patch by its distance to the nearest row of a named
@@ -9,10 +9,14 @@ as the graph's MatMul uses them: exporters fold any operation on a constant (a n
 into a new, unnamed constant that a rewrite of the memory would leave stale. Unused columns repeat
 a real item, so the minimum distance is unchanged.
 
+The sidecar says WHICH refit a graph needs (``family_params["memory"]["method"]``): ``coreset`` (the
+greedy k-center coreset of the patches: a memory bank) or ``kmeans`` (K k-means centres of the patches:
+class prototypes, e.g. for a model that attends to them). Nothing here knows which family asked.
+
 Field onboarding (``python -m calibration fit`` on a graph with a memory):
 
 1. the graph's ``patch_features`` output for the good images (collected with the raw outputs);
-2. the greedy k-center coreset of all their patches (``greedy_coreset``) -> the new memory;
+2. the memory of all their patches by the sidecar's method (``build_memory_for``) -> the new memory;
 3. out-of-sample raw maps for the head fit: a memory from half A scores half B and vice versa,
    through the graph's own ``patch_features -> raw_maps`` subgraph (``GraphPart``);
 4. the head is fit on those maps (``headfit.fit_head``), then memory + head constants are written
@@ -106,6 +110,54 @@ def build_memory(features: np.ndarray, capacity: int, ratio: float, projection_d
     return memory_matrix(rows[idx], capacity), n
 
 
+# ----------------------------------------------------------------------------- k-means
+def kmeans(features: np.ndarray, k: int, iterations: int = 20, seed: int = 0, init_sample: int = 20000) -> np.ndarray:
+    """K k-means centres (Lloyd, k-means++ seeding) of patch rows: float32 [min(k, P), C].
+
+    features: float32 [P,C]. Seeding runs on a random sample of at most ``init_sample`` rows; an empty
+    cluster is re-seeded at the row farthest from its centre. Deterministic for a given seed.
+    """
+    x = np.asarray(features, np.float32)
+    if x.ndim != 2 or len(x) == 0:
+        raise CalibrationError(f"k-means needs patch features [P,C] with P > 0, got shape {list(x.shape)}")
+    if k < 1:
+        raise CalibrationError(f"k-means with {k} centres: choose at least 1")
+    rng = np.random.default_rng(seed)
+    p = len(x)
+    if p <= k:
+        return x.copy()
+    sq = np.einsum("ij,ij->i", x, x)
+    sample = rng.choice(p, size=min(p, init_sample), replace=False)
+    xs, sqs = x[sample], sq[sample]
+    centres = np.empty((k, x.shape[1]), np.float32)
+    first = int(rng.integers(len(xs)))
+    centres[0] = xs[first]
+    nearest = np.maximum(sqs - 2.0 * (xs @ centres[0]) + sqs[first], 0.0)
+    for i in range(1, k):  # k-means++: next centre with probability proportional to squared distance
+        tot = float(nearest.sum())
+        j = int(rng.choice(len(xs), p=nearest / tot)) if tot > 0 else int(rng.integers(len(xs)))
+        centres[i] = xs[j]
+        np.minimum(nearest, np.maximum(sqs - 2.0 * (xs @ centres[i]) + sqs[j], 0.0), out=nearest)
+    for _ in range(int(iterations)):
+        d2 = sq[:, None] - 2.0 * (x @ centres.T) + np.einsum("ij,ij->i", centres, centres)[None, :]
+        assign = np.argmin(d2, axis=1)
+        counts = np.bincount(assign, minlength=k)
+        onehot = np.zeros((p, k), np.float32)
+        onehot[np.arange(p), assign] = 1.0
+        sums = onehot.T @ x  # [k,C]
+        new = centres.copy()
+        filled = counts > 0
+        new[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        if not filled.all():  # re-seed empty clusters at the worst-fitted rows
+            far = np.argsort(-d2[np.arange(p), assign])[: int((~filled).sum())]
+            new[~filled] = x[far]
+        if np.allclose(new, centres, atol=1e-6):
+            centres = new
+            break
+        centres = new
+    return centres
+
+
 # ----------------------------------------------------------------------------- field refit
 @dataclass
 class MemorySpec:
@@ -115,9 +167,11 @@ class MemorySpec:
     features_output: str
     capacity: int
     dim: int
-    coreset_ratio: float
+    coreset_ratio: float = 0.1
     projection_dim: int | None = 128
     seed: int = 0
+    method: str = "coreset"  # "coreset" (greedy k-center rows) or "kmeans" (k-means centres)
+    iterations: int = 20  # k-means only
 
     @classmethod
     def from_sidecar(cls, sc) -> "MemorySpec | None":
@@ -125,11 +179,41 @@ class MemorySpec:
         if not d:
             return None
         try:
-            return cls(initializer=d["initializer"], features_output=d["features_output"], capacity=int(d["capacity"]),
-                       dim=int(d["dim"]), coreset_ratio=float(d["coreset_ratio"]),
-                       projection_dim=d.get("projection_dim", 128), seed=int(d.get("seed", 0)))
+            spec = cls(initializer=d["initializer"], features_output=d["features_output"], capacity=int(d["capacity"]),
+                       dim=int(d["dim"]), coreset_ratio=float(d.get("coreset_ratio", 0.1)),
+                       projection_dim=d.get("projection_dim", 128), seed=int(d.get("seed", 0)),
+                       method=str(d.get("method", "coreset")), iterations=int(d.get("iterations", 20)))
         except (KeyError, TypeError, ValueError) as e:
             raise CalibrationError(f"sidecar family_params.memory is malformed ({e}); re-export the model") from e
+        if spec.method not in MEMORY_METHODS:
+            raise CalibrationError(f"sidecar family_params.memory.method {spec.method!r} is unknown to this edgead "
+                                   f"(known: {', '.join(MEMORY_METHODS)}); upgrade edgead or re-export the model")
+        return spec
+
+
+MEMORY_METHODS = ("coreset", "kmeans")
+MIN_IMAGES = 4  # below this a refit is refused
+FEW_IMAGES = 10  # below this: a warning
+RECOMMENDED_IMAGES = (50, 100)
+
+
+def build_memory_for(spec: MemorySpec, features: np.ndarray, progress: bool = True) -> tuple[np.ndarray, int]:
+    """Patch feature maps [N,C,h,w] -> (memory matrix [C+1, capacity], items) by the sidecar's method."""
+    if spec.method == "kmeans":
+        centres = kmeans(patches(features), spec.capacity, spec.iterations, spec.seed)
+        return memory_matrix(centres, spec.capacity), len(centres)
+    return build_memory(features, spec.capacity, spec.coreset_ratio, spec.projection_dim, spec.seed, progress)
+
+
+def image_count_advice(n: int) -> str | None:
+    """One line about whether ``n`` good images are enough for a memory refit (None: enough)."""
+    lo, hi = RECOMMENDED_IMAGES
+    if n < FEW_IMAGES:
+        return (f"only {n} good images: the new memory may miss normal variation and raise false alarms; "
+                f"{lo}-{hi} good images covering the usual variation are recommended")
+    if n < lo:
+        return f"{n} good images: usable; {lo}-{hi} recommended (covering the usual variation) for steadier thresholds"
+    return None
 
 
 def extra_raw_outputs(sc) -> list[str]:
@@ -171,21 +255,30 @@ def fit_memory(onnx_path: str | Path, sc, features: np.ndarray, seed: int = 0) -
     if f.ndim != 4 or f.shape[1] != spec.dim:
         raise CalibrationError(f"patch features of shape {list(f.shape)}, the memory holds {spec.dim} channels; "
                                "re-export the model")
-    if len(f) < 4:
-        raise CalibrationError(f"{len(f)} good images: a memory refit needs at least 4 (better 50 or more)")
+    if len(f) < MIN_IMAGES:
+        raise CalibrationError(f"{len(f)} good images: a memory refit needs at least {MIN_IMAGES} "
+                               f"({RECOMMENDED_IMAGES[0]}-{RECOMMENDED_IMAGES[1]} recommended)")
+    advice = image_count_advice(len(f))
+    if advice:
+        (log.warning if len(f) < FEW_IMAGES else log.info)(advice)
     scorer = MemoryScorer(onnx_path, spec)
     idx = np.random.default_rng(seed).permutation(len(f))
     halves = (idx[: len(f) // 2], idx[len(f) // 2:])
     heldout = None
     for own, other in (halves, halves[::-1]):
-        mem, _ = build_memory(f[own], spec.capacity, spec.coreset_ratio, spec.projection_dim, spec.seed)
+        mem, _ = build_memory_for(spec, f[own])
         maps = scorer(mem, f[other])
         if heldout is None:
             heldout = np.empty((len(f),) + maps.shape[1:], np.float32)
         heldout[other] = maps
-    memory, n = build_memory(f, spec.capacity, spec.coreset_ratio, spec.projection_dim, spec.seed)
-    deployed = scorer(memory, f)
-    info = {"rows": n, "capacity": spec.capacity, "patches": int(f.shape[0] * f.shape[2] * f.shape[3]),
-            "coreset_ratio": spec.coreset_ratio, "n_images": int(len(f))}
-    log.info("memory: %d of %d patches (capacity %d)", n, info["patches"], spec.capacity)
+    memory, n = build_memory_for(spec, f)
+    # one image at a time, as a batch-1 graph runs on the line: GEMM rounding depends on the batch
+    deployed = scorer(memory, f, batch=1)
+    info = {"method": spec.method, "rows": n, "capacity": spec.capacity,
+            "patches": int(f.shape[0] * f.shape[2] * f.shape[3]), "n_images": int(len(f))}
+    if spec.method == "coreset":
+        info["coreset_ratio"] = spec.coreset_ratio
+    if advice:
+        info["advice"] = advice
+    log.info("memory (%s): %d rows from %d patches (capacity %d)", spec.method, n, info["patches"], spec.capacity)
     return MemoryFit({spec.initializer: memory}, heldout, deployed, info)

@@ -26,6 +26,8 @@ FAMILY_CASES = {
                   model_kwargs=dict(feature_stride=8, hidden=16, heads=2, encoder_layers=1, decoder_layers=1, ff=32)),
     "generalad_lite": dict(steps=3, batch_size=2, pretrained=False, model_kwargs={"hidden": 16, "heads": 2}),
     "toy_mean_patch": dict(steps=1),
+    "crossclass_lite": dict(steps=3, pretrained=False,
+                            model_kwargs=dict(dim=32, heads=2, ff=64, layers=1, prototypes=16, episode_batch=4)),
     # small memories: the plumbing of the contract; the memory bank's own accuracy/size trade-off is benchmarked
     "patchcore_lite": dict(steps=1, model_kwargs={"memory_size": 256}),
     "patchcore_lite0": dict(steps=1, model_kwargs={"memory_size": 256}),

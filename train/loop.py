@@ -265,6 +265,7 @@ def _train(cfg: TrainConfig, resume: bool, ctx: distributed.DistContext) -> Path
     h, w = imgs.image_size
     log.info("%d training, %d validation images at %dx%d (WxH)", len(imgs.fit), len(imgs.val), w, h)
     model = create_model(cfg.model, image_size=imgs.image_size, pretrained=cfg.pretrained, **cfg.model_kwargs).to(device)
+    model.train_classes = list(imgs.fit_classes)
     facts = model.fit(imgs.fit, imgs.val, cfg, device)
     if facts.get("stopped"):
         return Path(facts["resume_path"])

@@ -4,4 +4,4 @@ Each family is one file here (see ``base.py`` for the contract); importing this 
 registers every family.
 """
 from .registry import build_from_config, create_model, default_image_size, list_families, list_models, register_family, register_model  # noqa: F401
-from . import efficientad, generalad, patchcore, uniad  # noqa: F401  (registers their models)
+from . import crossclass, efficientad, generalad, patchcore, uniad  # noqa: F401  (registers their models)

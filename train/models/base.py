@@ -116,6 +116,8 @@ class AnomalyModel(nn.Module):
     map_names: tuple[str, ...] = ("map",)
     export_policy = ExportPolicy()
     config_class = FamilyConfig
+    # class name of each fit frame, set by the training loop before ``fit`` (families that train per class read it)
+    train_classes: list[str] | None = None
 
     def __init__(self, cfg: FamilyConfig, grid: tuple[int, int], feature_dim: int = 0, pad_cells: int = 0):
         super().__init__()

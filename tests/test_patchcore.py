@@ -165,3 +165,16 @@ def test_config_errors_are_clear():
         create_model("patchcore_lite", image_size=IMAGE_SIZE, pretrained=False, backbone="resnet")
     with pytest.raises(ValueError, match="stride"):
         create_model("patchcore_lite", image_size=IMAGE_SIZE, pretrained=False, stride=2)
+
+
+def test_each_model_has_its_own_default_input_size():
+    """`train` without --image-size builds each model at its builder's default (the memory bank's was
+    chosen on painted-validation sweeps, benchmarks/memory_bank_sweep.py); an unknown name is refused."""
+    from train.loop import TrainConfig
+    from train.models import default_image_size
+
+    assert TrainConfig(data="d", out="o").image_size is None
+    assert default_image_size("patchcore_lite") == 384
+    assert default_image_size("efficientad_lite") == 256
+    with pytest.raises(KeyError, match="unknown model"):
+        default_image_size("nope")

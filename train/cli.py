@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", default=None, metavar="N|WxH",
                    help="N: about NxN pixels at the training images' aspect (multiples of 32, e.g. 416x160 for "
                         "2.5:1 parts at N=256); WxH: exactly this (default: the model's own, e.g. 256 for "
-                        "efficientad_lite, 320 for patchcore_lite)")
+                        "efficientad_lite, 384 for patchcore_lite)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--puad-weight", type=float, default=0.5, help="weight of the unpicturable (Gaussian) score")

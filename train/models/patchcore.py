@@ -56,7 +56,7 @@ class PatchCoreConfig(FamilyConfig):
     coreset_ratio: float = 0.1  # fraction of the training patches kept (up to memory_size)
     projection_dim: int = 128  # random projection for the coreset search (0 = exact distances)
     coreset_seed: int = 0
-    # 320 px, 2048 items, 8 px: chosen on defects painted on held-out GOOD images of bottle, screw and
+    # 384 px, 2048 items, 8 px: chosen on defects painted on held-out GOOD images of bottle, screw and
     # transistor (never their test splits); docs/memory_bank.md has the curves
     map_blur_px: float = 8.0
 
@@ -184,13 +184,13 @@ def _build(name: str, image_size, default_backbone: str, **kw) -> PatchCore:
 
 # ----------------------------------------------------------------------------- registered models
 @register_model
-def patchcore_lite(image_size=320, **kw) -> PatchCore:
+def patchcore_lite(image_size=384, **kw) -> PatchCore:
     """Memory bank on Lite2 stages 2+3 (168 channels), stride 8, 3x3 averaging, greedy coreset."""
     return _build("patchcore_lite", image_size, "lite2", **kw)
 
 
 @register_model
-def patchcore_lite0(image_size=320, **kw) -> PatchCore:
+def patchcore_lite0(image_size=384, **kw) -> PatchCore:
     """The same on Lite0 (stages 2+3: 152 channels): a cheaper backbone."""
     return _build("patchcore_lite0", image_size, "lite0", **kw)
 

@@ -174,7 +174,8 @@ class MqttPublisher:
                 msg = self.client.publish(self.topic("status"), json.dumps(
                     {"state": "offline", "reason": "stream stopped", "timestamp": round(time.time(), 6), **self.info}),
                     qos=1, retain=self.retain_status)
-                msg.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+                # its own second at least: a flush that used the whole deadline (busy CPU) must not cost the final status
+                msg.wait_for_publish(timeout=max(1.0, deadline - time.monotonic()))
             except (ValueError, RuntimeError) as e:
                 log.warning("MQTT: final status not sent: %s", e)
         self.client.disconnect()

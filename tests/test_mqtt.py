@@ -47,7 +47,9 @@ def test_every_decision_and_event_reaches_the_broker(onnx_model, broker):
         n = 40
         summary = Stream(Model(onnx_model), DemoSource(n=n, fps=60), policy="block", observers=[pub]).run()
         assert summary.frames_scored == n
-        assert _wait(lambda: len(sub.of("decision")) >= n and sub.of("summary"), 10)
+        # the final status follows the summary: wait for it too (a busy machine delivers them apart)
+        assert _wait(lambda: len(sub.of("decision")) >= n and sub.of("summary")
+                     and [s["state"] for s in sub.of("status")][-1:] == ["offline"], 10)
         decisions = sub.of("decision")
         assert [d["frame_id"] for d in decisions] == list(range(n))
         for d in decisions:

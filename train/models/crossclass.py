@@ -43,12 +43,12 @@ from calibration.memory import kmeans, memory_matrix, patches
 
 from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
 from .efficientad import LiteTeacher
+from .patchcore import FEATURES_OUTPUT, FrozenPatchFeatures, nearest_squared_distance
 from .registry import register_model
 
 log = logging.getLogger(__name__)
 
 PROTOTYPES_INITIALIZER = "prototypes"
-FEATURES_OUTPUT = "patch_features"
 
 
 @dataclass
@@ -127,8 +127,9 @@ class PrototypeMemory(nn.Module):
 
     def distance(self, a: torch.Tensor) -> torch.Tensor:
         """a [N,P,C] -> mean squared distance to the nearest prototype [N,P] (>= 0)."""
-        d2 = torch.sum(a * a, dim=-1) + torch.amin(torch.matmul(F.pad(-2.0 * a, (0, 1), value=1.0), self.prototypes), dim=-1)
-        return torch.clamp(d2, min=0.0) / self.dim
+        p = int(a.shape[1])
+        d2 = nearest_squared_distance(a.reshape(-1, self.dim), self.prototypes)  # exact: the memory bank's search
+        return d2.reshape(-1, p) / self.dim
 
 
 class SelfAttention(nn.Module):
@@ -196,7 +197,7 @@ class MaskedPredictor(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model
-class CrossClass(AnomalyModel):
+class CrossClass(FrozenPatchFeatures, AnomalyModel):
     """Frozen Lite tokens -> masked prediction guided by class prototypes; error + prototype distance maps."""
 
     family = "crossclass"
@@ -221,11 +222,6 @@ class CrossClass(AnomalyModel):
         self.predictor = MaskedPredictor(self.channels, grid[0] * grid[1], cfg, mask_groups(grid, cfg.mask_groups))
         self._feats: torch.Tensor | None = None
 
-    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed [N,3,H,W] -> locally averaged patch features [N,C,h,w] float32."""
-        with torch.no_grad():
-            return self.features(x).float()
-
     def maps_from_features(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f [N,C,h,w] -> (raw maps [N,2,h,w], predicted features [N,P,C])."""
         c, h, w = (int(v) for v in f.shape[1:])
@@ -239,10 +235,6 @@ class CrossClass(AnomalyModel):
         f = self.patch_features(x)
         self._feats = f  # handed to extra_outputs: the graph runs the backbone once
         return self.maps_from_features(f)[0], None
-
-    def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f, self._feats = self._feats, None
-        return {FEATURES_OUTPUT: f if f is not None else self.patch_features(x)}
 
     # -- the hooks export and calibration read --------------------------------------
     def extra_calibration_buffers(self) -> list[tuple[str, str]]:
@@ -259,16 +251,6 @@ class CrossClass(AnomalyModel):
         self.memory.prototypes.copy_(torch.from_numpy(memory_matrix(centres, self.cfg.prototypes)))
 
     # -- training ----------------------------------------------------------------------
-    @torch.no_grad()
-    def extract(self, frames: np.ndarray, device: str, batch: int = 16) -> np.ndarray:
-        """uint8 NHWC frames -> patch features float32 [N,C,h,w] (numpy)."""
-        self.eval()
-        out = []
-        for i in tqdm(range(0, len(frames), batch), desc="patch features", leave=False):
-            x = self.preprocess(torch.from_numpy(frames[i:i + batch]).to(device))
-            out.append(self.patch_features(x).cpu().numpy())
-        return np.concatenate(out)
-
     def fit(self, fit_frames, val_frames, train_cfg, device: str) -> dict:
         return fit_crossclass(self, fit_frames, train_cfg, device)
 

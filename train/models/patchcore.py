@@ -82,17 +82,49 @@ class NearestNeighbour(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats [N,C,h,w] -> distances [N,1,h,w] (float32, >= 0)."""
         h, w = feats.shape[-2:]
-        c = feats.shape[1]
-        a = feats.permute(0, 2, 3, 1).reshape(-1, c)  # [P,C]; no Shape ops: any batch size
-        a_aug = F.pad(-2.0 * a, (0, 1), value=1.0)
-        nearest = torch.argmin(torch.matmul(a_aug, self.memory_bank), dim=1)  # [P]
-        # gather from the initializer itself, then drop the norm row (a slice of a constant would be folded)
-        b = torch.index_select(self.memory_bank, 1, nearest)[:c].t()  # [P,C]
-        d2 = torch.sum((a - b) ** 2, dim=1)
-        return torch.sqrt(d2).reshape(-1, 1, int(h), int(w))
+        a = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])  # [P,C]; no Shape ops: any batch size
+        return torch.sqrt(nearest_squared_distance(a, self.memory_bank)).reshape(-1, 1, int(h), int(w))
 
 
-class PatchCore(AnomalyModel):
+def nearest_squared_distance(a: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """a [P,C], bank [C+1,M] (columns ``[b, ||b||^2]``) -> ``||a - b*||^2`` [P] for the nearest column b*.
+
+    The search is one MatMul against the bank as it is stored; the distance is recomputed from the
+    gathered column (see ``NearestNeighbour``). Shared by every graph that holds such a bank."""
+    c = a.shape[1]
+    nearest = torch.argmin(torch.matmul(F.pad(-2.0 * a, (0, 1), value=1.0), bank), dim=1)  # [P]
+    # gather from the initializer itself, then drop the norm row (a slice of a constant would be folded)
+    b = torch.index_select(bank, 1, nearest)[:c].t()  # [P,C]
+    return torch.sum((a - b) ** 2, dim=1)
+
+
+class FrozenPatchFeatures:
+    """Mixin for families scored on frozen ``self.features`` patch features that also leave the graph as
+    the ``patch_features`` output (what calibration refits their memory from): the backbone runs once."""
+
+    _feats: torch.Tensor | None = None
+
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed [N,3,H,W] -> locally averaged patch features [N,C,h,w] float32."""
+        with torch.no_grad():
+            return self.features(x).float()
+
+    def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f, self._feats = self._feats, None  # set by the family's raw()
+        return {FEATURES_OUTPUT: f if f is not None else self.patch_features(x)}
+
+    @torch.no_grad()
+    def extract(self, frames: np.ndarray, device: str, batch: int = 16) -> np.ndarray:
+        """uint8 NHWC frames -> patch features float32 [N,C,h,w] (numpy)."""
+        self.eval()
+        out = []
+        for i in tqdm(range(0, len(frames), batch), desc="patch features", leave=False):
+            x = self.preprocess(torch.from_numpy(frames[i:i + batch]).to(device))
+            out.append(self.patch_features(x).cpu().numpy())
+        return np.concatenate(out)
+
+
+class PatchCore(FrozenPatchFeatures, AnomalyModel):
     """Frozen Lite features -> nearest-neighbour distance to a memory of good patches."""
 
     family = "patchcore"
@@ -117,20 +149,11 @@ class PatchCore(AnomalyModel):
         self.knn = NearestNeighbour(cfg.memory_size, self.channels)
         self._feats: torch.Tensor | None = None
 
-    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed [N,3,H,W] -> locally averaged patch features [N,C,h,w] float32."""
-        with torch.no_grad():
-            return self.features(x).float()
-
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         """x: preprocessed [N,3,H,W] -> (nearest-neighbour distance [N,1,h,w], None)."""
         f = self.patch_features(x)
         self._feats = f  # handed to extra_outputs, so the graph runs the backbone once
         return self.knn(f), None
-
-    def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f, self._feats = self._feats, None
-        return {FEATURES_OUTPUT: f if f is not None else self.patch_features(x)}
 
     # -- the hooks export and calibration read --------------------------------------
     def extra_calibration_buffers(self) -> list[tuple[str, str]]:
@@ -143,16 +166,6 @@ class PatchCore(AnomalyModel):
                            "projection_dim": cfg.projection_dim or None, "seed": cfg.coreset_seed}}
 
     # -- "training" -----------------------------------------------------------------
-    @torch.no_grad()
-    def extract(self, frames: np.ndarray, device: str, batch: int = 16) -> np.ndarray:
-        """uint8 NHWC frames -> patch features float32 [N,C,h,w] (numpy)."""
-        self.eval()
-        out = []
-        for i in tqdm(range(0, len(frames), batch), desc="patch features", leave=False):
-            x = self.preprocess(torch.from_numpy(frames[i:i + batch]).to(device))
-            out.append(self.patch_features(x).cpu().numpy())
-        return np.concatenate(out)
-
     def set_memory(self, rows: np.ndarray) -> None:
         """rows: float32 [C+1, M] (``calibration.memory.memory_matrix``)."""
         buf = self.knn.memory_bank
@@ -195,4 +208,4 @@ def patchcore_lite0(image_size=384, **kw) -> PatchCore:
     return _build("patchcore_lite0", image_size, "lite0", **kw)
 
 
-__all__ = ["PatchCore", "PatchCoreConfig", "NearestNeighbour", "memory_matrix"]
+__all__ = ["PatchCore", "PatchCoreConfig", "NearestNeighbour", "FrozenPatchFeatures", "nearest_squared_distance", "memory_matrix"]

@@ -60,7 +60,7 @@ def run_one(spec: str, data: str, work: Path, args) -> dict:
     tag = f"{Path(data).name}_{spec.replace(':', '_').replace(',', '_').replace('=', '-')}"
     out = work / tag
     cfg = TrainConfig(data=data, out=str(out), model=name, steps=args.steps, batch_size=args.batch_size,
-                      image_size=args.image_size, device="cpu", seed=args.seed, model_kwargs=kw)
+                      image_size=args.image_size, device="cpu", seed=args.seed, amp=args.amp, model_kwargs=kw)
     t0 = time.perf_counter()
     ckpt = train(cfg)
     fit_s = time.perf_counter() - t0
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="MVTec-layout class folders")
     p.add_argument("--steps", type=int, default=1500, help="training steps of families that train (ignored by memory banks)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for families that train (~2x faster on CPUs with AVX512-BF16)")
     p.add_argument("--image-size", default=None, help="N or WxH (default: each model's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=50, help="timed runs per speed figure")

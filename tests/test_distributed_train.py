@@ -21,6 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--image-size", "64", "--steps", "3", "--batch-size", "4", "--seed", "3"]
 WEIGHT_TOL = 1e-5  # trained parameters, absolute
 CALIBRATED_TOL = 1e-4  # the head's constants fitted afterwards on rank 0, relative to each tensor's largest value
+# cross-class: tiny predictor, two classes (episodes span both), and an odd global batch (episode_batch 5 over
+# 2 processes: rows 3 + 2), so the uneven split is what the test checks
+CROSSCLASS = ["--steps", "6", *(a for kv in ["backbone=lite0", "stride=8", "dim=32", "heads=2", "ff=64", "layers=1",
+                                             "prototypes=16", "proto_sets=2", "episode_batch=5"]
+                                for a in ("--model-arg", kv))]
 
 
 @pytest.fixture(scope="module")
@@ -31,32 +36,48 @@ def small_data(tmp_path_factory) -> Path:
                          n_per_defect=1, seed=0)
 
 
-def _one_process(data: Path, out: Path, family: str) -> dict:
+@pytest.fixture(scope="module")
+def second_class(small_data) -> Path:
+    from runtime.synthetic import write_dataset
+
+    return write_dataset(small_data.parent / "trays", size=64, n_train=24, n_test_good=2, n_per_defect=1, seed=1,
+                         product="tray")
+
+
+def _one_process(data: Path | list[Path], out: Path, family: str, extra: list[str] = ()) -> dict:
     from train.cli import main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["--data", str(data), "--out", str(out), "--model", family, *ARGS]) == 0
+        assert main(["--data", *map(str, _paths(data)), "--out", str(out), "--model", family, *ARGS, *extra]) == 0
     finally:
         torch.set_num_threads(threads)
     return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
-def _torchrun(data: Path, out: Path, family: str, extra: list[str] = ()) -> subprocess.CompletedProcess:
+def _paths(data: Path | list[Path]) -> list[Path]:
+    return [data] if isinstance(data, Path) else list(data)
+
+
+def _torchrun(data: Path | list[Path], out: Path, family: str, extra: list[str] = ()) -> subprocess.CompletedProcess:
     from runtime.triton_local import free_port
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                           "-m", "train", "--data", str(data), "--out", str(out), "--model", family, *ARGS, *extra],
+                           "-m", "train", "--data", *map(str, _paths(data)), "--out", str(out), "--model", family,
+                           *ARGS, *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("family", ["efficientad_lite", "uniad", "generalad_lite", "patchcore_lite"])
-def test_torchrun_two_processes_equal_one_process(tmp_path, small_data, family):
-    one = _one_process(small_data, tmp_path / "one", family)
-    r = _torchrun(small_data, tmp_path / "two", family)
+@pytest.mark.parametrize("family", ["efficientad_lite", "uniad", "generalad_lite", "patchcore_lite", "crossclass_lite"])
+def test_torchrun_two_processes_equal_one_process(tmp_path, small_data, family, request):
+    data, extra = small_data, []
+    if family == "crossclass_lite":  # episodic over classes: give it two
+        data, extra = [small_data, request.getfixturevalue("second_class")], CROSSCLASS
+    one = _one_process(data, tmp_path / "one", family, extra)
+    r = _torchrun(data, tmp_path / "two", family, extra)
     assert r.returncode == 0, r.stderr[-3000:]
     two_dir = tmp_path / "two"
     assert sorted(p.name for p in two_dir.iterdir()) == ["checkpoint.pt", "train_log.jsonl"]  # rank 0 only, no temp
@@ -81,12 +102,31 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, small_data, family):
     assert [r["step"] for r in log_one] == [r["step"] for r in log_two]
     for r1, r2 in zip(log_one, log_two):
         assert r1.keys() == r2.keys()
-        assert all(abs(r1[k] - r2[k]) <= 1e-5 * max(1.0, abs(r1[k])) for k in r1), (r1, r2)
+        assert all(abs(r1[k] - r2[k]) <= 1e-5 * max(1.0, abs(r1[k])) if isinstance(r1[k], float) else r1[k] == r2[k]
+                   for k in r1), (r1, r2)
+    if family == "crossclass_lite":  # the same episodes, drawn from both classes
+        episodes = one["train"]["episodes_per_class"]
+        assert episodes == two["train"]["episodes_per_class"] and len(episodes) == 2 and min(episodes.values()) > 0
 
 
 def test_global_batch_that_does_not_split_is_refused():
     with pytest.raises(ValueError, match="divisible by torchrun's --nproc_per_node"):
         BatchShare.of(5, rank=0, world=2)
+
+
+def test_uneven_split_and_shards_cover_every_row_once_in_order():
+    """A batch the data sizes (a class smaller than the episode) and whole-batch feature shards."""
+    from train.distributed import DistContext, shard_range
+
+    for total, world in [(5, 2), (2, 3), (7, 3), (0, 2)]:
+        shares = [BatchShare.split(total, r, world) for r in range(world)]
+        rows = torch.cat([s.rows(torch.arange(total)) for s in shares])
+        assert torch.equal(rows, torch.arange(total)), (total, world)
+        assert max(s.size for s in shares) - min(s.size for s in shares) <= 1
+    ranges = [shard_range(44, DistContext(rank=r, world_size=3), 16) for r in range(3)]
+    assert ranges == [(0, 16), (16, 32), (32, 44)]
+    assert [shard_range(20, DistContext(rank=r, world_size=3), 16) for r in range(3)] == [(0, 16), (16, 20), (20, 20)]
+    assert shard_range(20, DistContext(), 16) == (0, 20)
 
 
 @pytest.mark.parametrize("shape", [(6, 8, 5, 5), (6, 16, 12)])

@@ -41,8 +41,16 @@ class BatchShare:
         size = global_batch // world
         return cls(rank * size, size, global_batch, world)
 
+    @classmethod
+    def split(cls, total: int, rank: int, world: int) -> "BatchShare":
+        """Contiguous near-equal rows of a batch whose size the data fixes, not the user (a class smaller than
+        the episode batch): the first ``total % world`` ranks hold one row more, a rank may hold none. Exact
+        only with losses written as ``mean_loss_sum`` over the global count (a per-rank mean needs ``of``)."""
+        base, extra = divmod(total, world)
+        return cls(rank * base + min(rank, extra), base + int(rank < extra), total, world)
+
     def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a global-batch tensor (dim 0)."""
+        """This rank's rows of a global-batch tensor or numpy array (dim 0)."""
         return t[self.offset:self.offset + self.size]
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -115,9 +116,46 @@ def wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     return DDP(module, device_ids=ids, **{name: False})
 
 
-def share_of(global_batch: int, ctx: DistContext) -> BatchShare | None:
-    """This rank's share of every step's global batch; None with one process (the plain code paths)."""
-    return BatchShare.of(global_batch, ctx.rank, ctx.world_size) if ctx.distributed else None
+def share_of(global_batch: int, ctx: DistContext, uneven: bool = False) -> BatchShare | None:
+    """This rank's share of every step's global batch; None with one process (the plain code paths).
+
+    ``uneven``: a batch the data sizes may split unevenly (``BatchShare.split``), else it must divide."""
+    if not ctx.distributed:
+        return None
+    make = BatchShare.split if uneven else BatchShare.of
+    return make(global_batch, ctx.rank, ctx.world_size)
+
+
+def shard_range(n_items: int, ctx: DistContext, multiple: int = 1) -> tuple[int, int]:
+    """This rank's contiguous share ``[start, stop)`` of ``n_items``, cut at multiples of ``multiple``
+    (whole batches: every item is computed in the same batch as one process computes it). May be empty."""
+    blocks = BatchShare.split(-(-n_items // multiple), ctx.rank, ctx.world_size)
+    return min(blocks.offset * multiple, n_items), min((blocks.offset + blocks.size) * multiple, n_items)
+
+
+def gather_shards(part: np.ndarray | None, ctx: DistContext) -> np.ndarray:
+    """Every rank's ``shard_range`` rows (``part``; None for an empty share), concatenated in rank order:
+    all ranks then hold the same whole array, however each device computed its share."""
+    if not ctx.distributed:
+        if part is None:
+            raise ValueError("nothing to gather: the one process's share is empty")
+        return part
+    parts: list = [None] * ctx.world_size
+    dist.all_gather_object(parts, part)
+    return np.concatenate([p for p in parts if p is not None])
+
+
+def check_same_on_all_ranks(values: list[int], ctx: DistContext, what: str) -> None:
+    """Raise if the ranks drew different ``values`` (integers): the guard on draws that every rank must make
+    identically from its own copy of a seeded generator (a silent mismatch would train on mixed episodes)."""
+    if not ctx.distributed:
+        return
+    mine = torch.tensor(values, dtype=torch.int64, device=ctx.device)
+    parts = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, mine)
+    if any(not torch.equal(p, parts[0]) for p in parts):
+        raise RuntimeError(f"ranks disagree on {what}: {[p.tolist() for p in parts]}; every rank must read the "
+                           "same --data folders with the same --seed")
 
 
 class LossModule(torch.nn.Module):

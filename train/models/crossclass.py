@@ -41,6 +41,8 @@ from tqdm import tqdm
 
 from calibration.memory import kmeans, memory_matrix, patches
 
+from .. import distributed
+from ..batch_share import BatchShare, mean_loss_sum
 from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
 from .efficientad import LiteTeacher
 from .patchcore import FEATURES_OUTPUT, FrozenPatchFeatures, nearest_squared_distance
@@ -49,6 +51,7 @@ from .registry import register_model
 log = logging.getLogger(__name__)
 
 PROTOTYPES_INITIALIZER = "prototypes"
+EXTRACT_BATCH = 16  # frames per backbone pass when caching training features
 
 
 @dataclass
@@ -267,18 +270,37 @@ def prototype_sets(feats: np.ndarray, cfg: CrossClassConfig, rng: np.random.Gene
     return out
 
 
+def episode_loss(model: CrossClass, tokens: torch.Tensor, group: int, var: float, count: int,
+                 share: BatchShare | None = None) -> torch.Tensor:
+    """Normalized squared error of the features masked by ``group``, tokens [n,P,C] of an episode of
+    ``count`` images (a mean over the episode; ``share``: this rank's rows of it under DDP)."""
+    pred = model.predictor(tokens, model.memory, group)
+    m = model.predictor.masks[group, 0, :, 0]
+    return mean_loss_sum(torch.mean((pred - tokens) ** 2, dim=-1) * m, m.sum() * count * var, share)
+
+
 def fit_crossclass(model: CrossClass, fit_frames: np.ndarray, train_cfg, device: str) -> dict:
-    """Episodic training over the classes of ``model.train_classes`` (one class when unset)."""
+    """Episodic training over the classes of ``model.train_classes`` (one class when unset).
+
+    Under torchrun each rank extracts its share of the frozen features and all gather them; every rank
+    then holds the same features, prototype sets and seeded generator, so it draws the
+    same episode (class, prototype set, images, flips, mask group: checked each step) and trains on its rows
+    of the episode's images; DDP averages the gradients, the loss is the episode mean (``mean_loss_sum``).
+    The global batch is ``episode_batch`` (``--batch-size`` is not read). Rank 0 alone computes the deployed
+    prototypes."""
+    ctx = distributed.context()
     cfg = model.cfg
     t0 = time.perf_counter()
     labels = model.train_classes or ["all"] * len(fit_frames)
     if len(labels) != len(fit_frames):
         raise ValueError(f"{len(labels)} class labels for {len(fit_frames)} training images")
-    feats = model.extract(fit_frames, device)
+    lo, hi = distributed.shard_range(len(fit_frames), ctx, EXTRACT_BATCH)  # this rank's share of the features
+    part = model.extract(fit_frames[lo:hi], device, EXTRACT_BATCH) if hi > lo else None
+    feats = distributed.gather_shards(part, ctx)
     rng = np.random.default_rng(train_cfg.seed)
     classes = sorted(set(labels))
     per_class = {}
-    for c in tqdm(classes, desc="class prototypes", leave=False):
+    for c in tqdm(classes, desc="class prototypes", leave=False, disable=not ctx.is_main):
         idx = np.array([i for i, l in enumerate(labels) if l == c])
         f = feats[idx]
         per_class[c] = (f, prototype_sets(f, cfg, rng), float(f.var()) + 1e-6)
@@ -286,45 +308,51 @@ def fit_crossclass(model: CrossClass, fit_frames: np.ndarray, train_cfg, device:
     opt = torch.optim.AdamW(model.predictor.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps = int(train_cfg.steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
-    history = []
+    loss_fn = distributed.wrap(distributed.LossModule(episode_loss, model), ctx)
+    history, episodes = [], dict.fromkeys(classes, 0)
     groups = int(model.predictor.masks.shape[0])
     model.predictor.train()
-    bar = tqdm(range(steps), desc="episodes", disable=steps < 20)
+    bar = tqdm(range(steps), desc="episodes", disable=steps < 20 or not ctx.is_main)
     for step in bar:
-        c = classes[int(rng.integers(len(classes)))]
+        ci = int(rng.integers(len(classes)))
+        c = classes[ci]
+        episodes[c] += 1
         f, sets, var = per_class[c]
-        used, centres = sets[int(rng.integers(len(sets)))]
+        si = int(rng.integers(len(sets)))
+        used, centres = sets[si]
         rest = np.setdiff1d(np.arange(len(f)), used)
         pool = rest if len(rest) >= cfg.episode_batch else np.arange(len(f))
         pick = rng.choice(pool, size=min(cfg.episode_batch, len(pool)), replace=False)
-        x = torch.from_numpy(f[pick]).to(device)
-        if rng.random() < 0.5:
+        share = distributed.share_of(len(pick), ctx, uneven=True)  # the class may hold fewer than episode_batch
+        x = torch.from_numpy(f[pick if share is None else share.rows(pick)]).to(device)
+        flip_w, flip_h = rng.random() < 0.5, rng.random() < 0.5
+        if flip_w:
             x = torch.flip(x, dims=(3,))
-        if rng.random() < 0.5:
+        if flip_h:
             x = torch.flip(x, dims=(2,))
         model.set_prototypes(centres)
         tokens = x.flatten(2).transpose(1, 2)  # training only (eager)
         g = int(rng.integers(groups))  # one mask per episode: each patch is predicted while masked
-        pred = model.predictor(tokens, model.memory, g)
-        m = model.predictor.masks[g, 0, :, 0]
-        loss = torch.sum(torch.mean((pred - tokens) ** 2, dim=-1) * m) / (m.sum() * len(tokens) * var)
+        distributed.check_same_on_all_ranks([ci, si, g, len(pick), int(pick.sum()), int(flip_w), int(flip_h)], ctx,
+                                            f"episode {step} (class, prototype set, mask group, images, flips)")
+        loss = loss_fn(tokens, g, var, len(pick), share)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.predictor.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.predictor.parameters(), 1.0)  # of the rank-averaged gradient
         opt.step()
         sched.step()
         if step % 10 == 0 or step == steps - 1:
-            lv = float(loss.detach())
+            lv = float(distributed.mean_across(loss, ctx))
             history.append({"step": step, "loss": lv, "class": c})
             bar.set_postfix(loss=f"{lv:.4f}")
     model.predictor.eval()
-    # deployed prototypes until onboarding replaces them: k-means of every training patch
-    model.set_prototypes(kmeans(patches(feats), cfg.prototypes, cfg.kmeans_iters, seed=train_cfg.seed))
+    if ctx.is_main:  # deployed prototypes until onboarding replaces them: k-means of every training patch
+        model.set_prototypes(kmeans(patches(feats), cfg.prototypes, cfg.kmeans_iters, seed=train_cfg.seed))
     t2 = time.perf_counter()
     log.info("crossclass: %d classes, %d episodes; features+prototypes %.1fs, training %.1fs",
              len(classes), steps, t1 - t0, t2 - t1)
     return {"train_seconds": t2 - t0, "feature_seconds": t1 - t0, "steps_done": steps, "classes": classes,
-            "history": history}
+            "episodes_per_class": episodes, "history": history}
 
 
 def _build(name: str, image_size, default_backbone: str, **kw) -> CrossClass:

@@ -21,7 +21,8 @@ Training is episodic: the frozen features of every training class are computed o
 a class, one of its prototype sets (k-means of a random 10-100-image subset, as onboarding would see), a
 batch of that class's images not in the subset and one mask group (1/G of the fused graph's cost), and
 trains the predictor to predict the masked features.
-The model so learns to use whatever prototypes it is given.
+The model so learns to use whatever prototypes it is given. Under torchrun every rank draws the same
+episodes and trains on its rows of each (``fit_crossclass``).
 
 The prototypes are read by the graph only as the direct operand of MatMuls (attention logits, attention
 values, nearest distance), so no exporter folds them into an unnamed constant a refit would leave stale.

@@ -71,7 +71,8 @@ def _torchrun(data: Path | list[Path], out: Path, family: str, extra: list[str] 
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("family", ["efficientad_lite", "uniad", "generalad_lite", "patchcore_lite", "crossclass_lite"])
+@pytest.mark.parametrize("family", ["efficientad_lite", "uniad", "generalad_lite", "patchcore_lite",
+                                    "crossclass_lite"])
 def test_torchrun_two_processes_equal_one_process(tmp_path, small_data, family, request):
     data, extra = small_data, []
     if family == "crossclass_lite":  # episodic over classes: give it two
@@ -125,7 +126,8 @@ def test_uneven_split_and_shards_cover_every_row_once_in_order():
         assert max(s.size for s in shares) - min(s.size for s in shares) <= 1
     ranges = [shard_range(44, DistContext(rank=r, world_size=3), 16) for r in range(3)]
     assert ranges == [(0, 16), (16, 32), (32, 44)]
-    assert [shard_range(20, DistContext(rank=r, world_size=3), 16) for r in range(3)] == [(0, 16), (16, 20), (20, 20)]
+    ranges = [shard_range(20, DistContext(rank=r, world_size=3), 16) for r in range(3)]
+    assert ranges == [(0, 16), (16, 20), (20, 20)]  # a rank may hold none
     assert shard_range(20, DistContext(), 16) == (0, 20)
 
 

@@ -27,7 +27,7 @@ from runtime.model import Model
 from . import fitting, memory
 from .fitting import CalibrationError
 from .graph_part import GraphPart, source_graph
-from .headfit import HeadFit, fit_head
+from .headfit import HeadFit, fit_head, gaussian_optional
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ def compute(model: Model, good: Collected, defects: Collected | None = None, tar
     scorer = graph_scorer(model.path, sc)
     fit = fit_head(good.raw_maps, good.features, scorer, list(sc.head.get("map_names", [])),
                    puad_weight=w, puad_gate=gate, target_fpr=target_fpr,
-                   defects=None if defects is None else (defects.raw_maps, defects.features), estimator=estimator)
+                   defects=None if defects is None else (defects.raw_maps, defects.features), estimator=estimator,
+                   gaussian_optional=gaussian_optional(sc.family_params))
     result = CalibrationResult(**{f.name: getattr(fit, f.name) for f in dataclasses.fields(HeadFit)})
     if mem is not None:
         result.constants.update(mem.constants)

@@ -49,6 +49,12 @@ class HeadFit:
     defect_scores: np.ndarray | None
 
 
+def gaussian_optional(family_params: dict | None) -> bool:
+    """Whether the graph's Gaussian score may be switched off when too few good images are given
+    (``family_params["gaussian"]["optional"]``, declared by families whose map works from a handful)."""
+    return bool(((family_params or {}).get("gaussian") or {}).get("optional", False))
+
+
 def _halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     idx = np.random.default_rng(seed).permutation(n)
     return idx[: n // 2], idx[n // 2:]
@@ -57,7 +63,7 @@ def _halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def fit_head(raw_maps: np.ndarray, features: np.ndarray | None, scorer: Scorer, map_names: list[str],
              puad_weight: float = 0.5, puad_gate: float | None = fitting.DEFAULT_PUAD_GATE, target_fpr: float = 0.01,
              gaussian_features: np.ndarray | None = None, defects: tuple[np.ndarray, np.ndarray | None] | None = None,
-             estimator: str = "ledoit_wolf") -> HeadFit:
+             estimator: str = "ledoit_wolf", gaussian_optional: bool = False) -> HeadFit:
     """All head constants from good images' raw outputs (see the module docstring).
 
     gaussian_features: fit the Gaussian on these instead (training: the training images, while
@@ -81,11 +87,20 @@ def fit_head(raw_maps: np.ndarray, features: np.ndarray | None, scorer: Scorer, 
 
     if has_gaussian:
         features = np.asarray(features, np.float32)
-        if gaussian_features is not None:
+        need = fitting.required_images(features.shape[1])
+        n_gauss = len(gaussian_features) if gaussian_features is not None else n // 2  # 2-fold: each half fits one
+        if gaussian_optional and n_gauss < need:
+            log.warning("%d good images: too few for the %d-dimensional Gaussian (logical-anomaly) score, which is off; "
+                        "calibrate with at least %d good images to turn it on", n, features.shape[1],
+                        need if gaussian_features is not None else 2 * need)
+            g_all = fitting.GaussianFit(features.mean(0).astype(np.float64), np.eye(features.shape[1]),
+                                        GaussianInfo(dim=int(features.shape[1]), n_images=0, estimator="off"))
+            folds = [(np.arange(n), g_all)]
+            puad_weight = 0.0
+        elif gaussian_features is not None:
             g_all = fitting.fit_gaussian(gaussian_features, estimator)
             folds = [(np.arange(n), g_all)]  # scored images are held out from the Gaussian already
         else:
-            need = fitting.required_images(features.shape[1])
             if n < 2 * need:  # 2-fold: each half must carry a Gaussian
                 raise CalibrationError(f"{n} good images are too few for {features.shape[1]}-dimensional features; "
                                        f"give at least {2 * need}")

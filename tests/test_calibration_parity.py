@@ -149,3 +149,29 @@ def test_per_class_threshold(model_copy, synthetic_root):
     assert Model(model_copy, class_name="parts").threshold == after.thresholds.per_class["parts"]
     with pytest.raises(ArtifactError, match="no threshold for class"):
         Model(model_copy, class_name="other")
+
+
+def test_too_few_images_switch_an_optional_gaussian_off_and_refuse_a_required_one(trained, onnx_model, synthetic_root,
+                                                                                  caplog):
+    """A graph that declares its Gaussian optional (a memory onboards from a handful of images) gets map-only
+    constants and a warning that says how many images turn the Gaussian on; others are refused, as before."""
+    from calibration.fitting import CalibrationError
+    from calibration.graph_part import GraphPart
+    from calibration.headfit import fit_head, gaussian_optional
+    from runtime.model import Model
+
+    model = Model(onnx_model)
+    out = model.infer(model.prepare([read_image(p) for p in list_images(synthetic_root / "train" / "good")][:8]))
+    names = list(model.sidecar.head["map_names"])
+    part = GraphPart(onnx_model, True)
+    with pytest.raises(CalibrationError, match="too few"):
+        fit_head(out["raw_maps"], out["features"], part, names)
+    with caplog.at_level("WARNING"):
+        fit = fit_head(out["raw_maps"], out["features"], part, names, gaussian_optional=True)
+    assert "at least" in caplog.text and fit.gaussian.estimator == "off"
+    assert fit.constants["score_weight"][1] == 0.0 and fit.score.puad_weight == 0.0
+    # the image score is then the normalized map score alone
+    scores = part(fit.constants, out["raw_maps"], out["features"])
+    z = (scores["map_score"] - fit.score.map_mean) / fit.score.map_std
+    np.testing.assert_allclose(scores["image_score"], z, rtol=1e-4, atol=1e-4)
+    assert gaussian_optional({"gaussian": {"optional": True}}) and not gaussian_optional({}) and not gaussian_optional(None)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.torch_free import run_torch_free
 from calibration.memory import MemorySpec, kmeans
 from calibration.metrics import auroc
 from runtime.artifact import read_sidecar, sidecar_path
@@ -34,8 +35,7 @@ def _prototypes(onnx_path: Path) -> np.ndarray:
 
 def _torch_free(code: str) -> subprocess.CompletedProcess:
     """Run code with torch made unimportable (what a line PC without torch sees)."""
-    prog = "import sys; sys.modules['torch'] = None\n" + code
-    return subprocess.run([sys.executable, "-c", prog], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return run_torch_free(code)
 
 
 def test_mask_groups_cover_every_patch_once():

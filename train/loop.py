@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from calibration import fitting
-from calibration.headfit import fit_head
+from calibration.headfit import fit_head, gaussian_optional
 from runtime.artifact import ArtifactError, atomic_write_bytes
 from runtime.dataset import open_dataset
 
@@ -176,7 +176,8 @@ def calibrate_model(model: AnomalyModel, fit_frames: np.ndarray, val_frames: np.
     if model.head.feature_dim:
         gfeat = run_outputs(model, fit_frames, device, keys=("features",))["features"]
     fit = fit_head(raw_val["raw_maps"], raw_val.get("features"), torch_scorer(model, device), list(model.head.map_names),
-                   puad_weight=puad_weight, puad_gate=puad_gate, target_fpr=target_fpr, gaussian_features=gfeat)
+                   puad_weight=puad_weight, puad_gate=puad_gate, target_fpr=target_fpr, gaussian_features=gfeat,
+                   gaussian_optional=gaussian_optional(model.family_params()))
     model.head.write(**fit.constants)
     model.calibrated.fill_(True)
     return {"normalization": dataclasses.asdict(fit.normalization), "gaussian": dataclasses.asdict(fit.gaussian),

@@ -157,6 +157,22 @@ def read_mask(sample: Sample, height: int, width: int, fit: str = "stretch") -> 
     return mask
 
 
+def class_folders(paths: list[str | Path]) -> list[Path]:
+    """Given folders -> MVTec class folders: a folder holding train/good is itself a class; a parent whose
+    sub-folders hold train/good stands for all of them (sorted), e.g. ``--data ../shared/data/mvtec_ad``."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "train" / "good").is_dir() or not p.is_dir():
+            out.append(p)  # a class (or a missing folder: open_dataset says what is wrong)
+            continue
+        subs = sorted(c for c in p.iterdir() if (c / "train" / "good").is_dir())
+        if not subs:
+            raise DatasetError(f"{p}: neither a class folder (train/good) nor a parent of class folders; "
+                               "pass the category folder that holds train/good, or their parent")
+        out.extend(subs)
+    return out
+
+
 def open_dataset(root: str | Path, require_test: bool = True) -> AnomalyDataset:
     """Index an MVTec AD / LOCO folder; raise DatasetError naming what is missing."""
     root = Path(root)

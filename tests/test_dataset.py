@@ -85,3 +85,25 @@ def test_synthetic_is_deterministic_with_exact_masks(tmp_path):
     good, spot = make_part(r1, 128, "good"), make_part(r2, 128, "spot")
     diff = np.abs(good.image.astype(int) - spot.image.astype(int)).sum(2) > 30
     assert diff[spot.mask > 0].mean() > 0.5
+
+
+def test_a_parent_folder_stands_for_its_class_folders(tmp_path):
+    from runtime.dataset import class_folders
+
+    for name in ("tray", "board"):
+        (tmp_path / "plant" / name / "train" / "good").mkdir(parents=True)
+    (tmp_path / "plant" / "notes").mkdir()  # not a class: skipped
+    single = tmp_path / "plant" / "tray"
+    assert class_folders([tmp_path / "plant"]) == [tmp_path / "plant" / "board", single]
+    assert class_folders([single]) == [single]  # a class folder is itself
+    assert class_folders([tmp_path / "missing"]) == [tmp_path / "missing"]  # open_dataset explains later
+    with pytest.raises(DatasetError, match="parent of class folders"):
+        class_folders([tmp_path / "plant" / "notes"])
+
+
+def test_train_cli_refuses_a_folder_without_classes(tmp_path, capsys):
+    from train.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert "parent of class folders" in capsys.readouterr().err

@@ -6,10 +6,13 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from calibration.fitting import DEFAULT_PUAD_GATE, parse_gate
 from runtime.artifact import ArtifactError
-from runtime.dataset import DatasetError
+from runtime.dataset import DatasetError, class_folders
+
+log = logging.getLogger(__name__)
 
 SIZES = {"lite": "efficientad_lite", "s": "efficientad_s", "m": "efficientad_m"}
 
@@ -88,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description="Train an anomaly model on good images only "
                                 "(MVTec layout: DIR/train/good). Writes OUT/checkpoint.pt for `python -m export`.")
     p.add_argument("--data", required=True, nargs="+", metavar="DIR",
-                   help="category folder holding train/good (and optionally test/); several folders = one model for "
-                        "several product classes (per-class thresholds: `python -m calibration fit --class NAME`)")
+                   help="category folder holding train/good (and optionally test/), or a parent of such folders; several "
+                        "classes = one model for several product classes (per-class thresholds: "
+                        "`python -m calibration fit --class NAME`)")
     p.add_argument("--model", choices=list_models(), default=None,
                    help="model to train (default: efficientad_lite, or the one --size names)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
@@ -132,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    data = args.data[0] if len(args.data) == 1 else list(args.data)
+    try:
+        folders = [str(p) for p in class_folders(args.data)]
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(folders) != len(args.data):
+        log.info("training on %d class folders: %s", len(folders), ", ".join(Path(f).name for f in folders))
+    data = folders[0] if len(folders) == 1 else folders
     cfg = TrainConfig(data=data, out=args.out, model=args.model or SIZES[args.size], image_size=args.image_size,
                       fit=args.fit, steps=args.steps,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import evaluate_model
 
             m, _blob = load_checkpoint(ckpt)
-            for d in args.data:
+            for d in folders:
                 print(json.dumps({d: evaluate_model(m, d, args.device, _blob["thresholds"]["image"], args.fit)}, indent=2))
     except (DatasetError, ArtifactError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

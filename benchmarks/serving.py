@@ -5,11 +5,12 @@
 Each camera is a video file (MJPG: JPEG decoded on the client side, as with an IP camera) scored by its
 own ``python -m runtime.stream`` process with ``--policy block`` (every frame scored). Local: each process
 runs the ONNX itself (ORT threads = cores / K). Triton: each process prepares frames and sends them to one
-``tritonserver`` (the nvidia-pytriton wheel, python-backend variant: ONNX Runtime inside Triton, threads =
-cores) that batches the K streams. Total frames/s = all frames / the longest stream's wall time; latency is
-the stream's own (capture -> decision, including the wait in its 4-frame buffer). Without ``--model``, a
-256 px model is trained for a few steps on synthetic parts (speed, not accuracy) and exported with a
-dynamic batch.
+``tritonserver`` (the nvidia-pytriton wheel, python-backend variant: ONNX Runtime inside Triton; one model
+instance per core, each with cores // instances threads) that batches the K streams; each client keeps
+``--inflight`` batches in flight (the stream's default with ``--server``). Total frames/s = all frames / the
+longest stream's wall time; latency is the stream's own (capture -> decision, including the wait in its
+4-frame buffer). Without ``--model``, a 256 px model is trained for a few steps on synthetic parts (speed,
+not accuracy) and exported with a dynamic batch.
 """
 from __future__ import annotations
 
@@ -84,11 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frame-size", type=int, default=480, help="camera frame size (square), JPEG in the video")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--queue-delay-us", type=int, default=2000)
+    p.add_argument("--instances", type=int, help="server model instances (default: one per core, each with "
+                   "cores // instances ONNX Runtime threads)")
+    p.add_argument("--inflight", type=int, help="batches each Triton client keeps in flight (default: the "
+                   "stream's own default with --server)")
     p.add_argument("--work", help="working folder (default: a temporary one)")
     p.add_argument("--out", default="serving.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from export.triton_repo import write_repository
+    from runtime.stream import DEFAULT_INFLIGHT_REMOTE
     from runtime.triton_local import LocalTriton
 
     work = Path(args.work or tempfile.mkdtemp(prefix="edgead_serving_"))
@@ -98,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     videos = make_videos(work, max(args.cameras), args.frames, args.frame_size)
     cores = os.cpu_count() or 1
     repo = work / "repo"
+    instances = args.instances or cores
     write_repository(model, repo, name="served", backend="python", max_batch=args.max_batch,
-                     queue_delay_us=args.queue_delay_us)
+                     queue_delay_us=args.queue_delay_us, instances=instances, kind="KIND_CPU")
+    inflight = ["--inflight", str(args.inflight)] if args.inflight else []
     stream = [sys.executable, "-m", "runtime.stream", "--policy", "block", "--headless", "-q"]
     results = []
     load_before = os.getloadavg()
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             row["local"] = run_clients([stream + ["--video", str(v), "--model", str(model)] for v in videos[:k]],
                                        env, work, f"local_k{k}")
             row["triton"] = run_clients([stream + ["--video", str(v), "--server", server.grpc_url, "--model-name",
-                                                   "served"] for v in videos[:k]], dict(os.environ), work, f"triton_k{k}")
+                                                   "served", *inflight] for v in videos[:k]], dict(os.environ), work, f"triton_k{k}")
             row["triton_over_local"] = round(row["triton"]["total_fps"] / row["local"]["total_fps"], 3)
             log.info("K=%d local %.1f fps, triton %.1f fps (x%.2f)", k, row["local"]["total_fps"],
                      row["triton"]["total_fps"], row["triton_over_local"])
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "frames_per_camera": args.frames, "frame_size": args.frame_size, "server": "tritonserver 2.51.0 "
         "(nvidia-pytriton 0.7.0 wheel), python backend running ONNX Runtime CPU on the same machine, loopback gRPC",
         "local_threads_per_process": "cores // K (EDGEAD_THREADS)",
+        "server_instances": instances, "server_threads_per_instance": max(1, cores // instances),
+        "client_inflight": args.inflight or DEFAULT_INFLIGHT_REMOTE,
         "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
                                    "after": [round(x, 2) for x in os.getloadavg()]}, "triton_config": cfg, "results": results,
         "targets": {"K=4 triton/local >= 0.9": next((r["triton_over_local"] >= 0.9 for r in results

@@ -61,6 +61,7 @@ class TritonBackend(Backend):
             import tritonclient.http as client_mod
         self._mod = client_mod
         self._tls = threading.local()
+        self._generation = 0
         self._check_server()
         config = self._config()
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -84,10 +85,15 @@ class TritonBackend(Backend):
 
     @property
     def client(self):
-        """One client per thread: the HTTP client (gevent) refuses calls from another thread than its own."""
+        """One client per thread: the HTTP client (gevent) refuses calls from another thread than its own.
+        ``close()`` retires every thread's client (a generation count): each thread makes a fresh one next."""
         c = getattr(self._tls, "client", None)
+        if c is not None and getattr(self._tls, "generation", -1) != self._generation:
+            self._close_client(c)  # a client of the server before a reconnect
+            c = None
         if c is None:
             c = self._tls.client = self._new_client()
+            self._tls.generation = self._generation
         return c
 
     def _new_client(self):
@@ -188,7 +194,13 @@ class TritonBackend(Backend):
             return False
 
     def close(self) -> None:
+        """Close this thread's client; other threads' clients are replaced on their next call."""
+        self._generation += 1
         c, self._tls.client = getattr(self._tls, "client", None), None
+        self._close_client(c)
+
+    @staticmethod
+    def _close_client(c) -> None:
         try:
             if c is not None:
                 c.close()

@@ -59,11 +59,27 @@ def make_videos(work: Path, k: int, n: int, size: int) -> list[Path]:
     return paths
 
 
-def run_clients(cmds: list[list[str]], env: dict, work: Path, tag: str) -> dict:
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group (Linux /proc)."""
+    hz, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            fields = text[text.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid:
+                total += (int(fields[11]) + int(fields[12])) / hz
+        except (OSError, ValueError):  # gone meanwhile
+            pass
+    return total
+
+
+def run_clients(cmds: list[list[str]], env: dict, work: Path, tag: str, server_pgid: int | None = None) -> dict:
     summaries = [work / f"{tag}_{i}.json" for i in range(len(cmds))]
+    server_cpu = group_cpu_seconds(server_pgid) if server_pgid else 0.0
     procs = [subprocess.Popen(cmd + ["--summary", str(s)], env=env, stdout=subprocess.DEVNULL,
                               stderr=open(work / f"{tag}_{i}.log", "w")) for i, (cmd, s) in enumerate(zip(cmds, summaries))]
     rcs = [p.wait() for p in procs]
+    server_cpu = group_cpu_seconds(server_pgid) - server_cpu if server_pgid else 0.0
     if any(rcs):
         raise RuntimeError(f"{tag}: client exit codes {rcs}; see {work}/{tag}_*.log")
     rows = [json.loads(s.read_text()) for s in summaries]
@@ -73,7 +89,12 @@ def run_clients(cmds: list[list[str]], env: dict, work: Path, tag: str) -> dict:
             "frames_dropped": sum(r["frames_dropped"] for r in rows), "wall_s": wall,
             "latency_ms_p50": round(float(np.median([r["latency_ms_p50"] for r in rows])), 2),
             "latency_ms_p99": round(float(max(r["latency_ms_p99"] for r in rows)), 2),
-            "per_client_fps": [r["fps"] for r in rows], "errors": [r["error"] for r in rows if r["error"]]}
+            "per_client_fps": [r["fps"] for r in rows],
+            # CPU time per frame, clients' streaming (decode, prepare, scoring or requests) + the server's (with
+            # its python-backend stubs): what a frame costs the machine, less sensitive to other jobs than fps
+            "cpu_ms_per_frame": {"clients": round(sum(r["cpu_seconds"] for r in rows) * 1e3 / frames, 2),
+                                 "server": round(server_cpu * 1e3 / frames, 2),
+                                 "total": round((sum(r["cpu_seconds"] for r in rows) + server_cpu) * 1e3 / frames, 2)}, "errors": [r["error"] for r in rows if r["error"]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             row["local"] = run_clients([stream + ["--video", str(v), "--model", str(model)] for v in videos[:k]],
                                        env, work, f"local_k{k}")
             row["triton"] = run_clients([stream + ["--video", str(v), "--server", server.grpc_url, "--model-name",
-                                                   "served", *inflight] for v in videos[:k]], dict(os.environ), work, f"triton_k{k}")
+                                                   "served", *inflight] for v in videos[:k]], dict(os.environ), work, f"triton_k{k}",
+                                   server_pgid=server.proc.pid)
             row["triton_over_local"] = round(row["triton"]["total_fps"] / row["local"]["total_fps"], 3)
-            log.info("K=%d local %.1f fps, triton %.1f fps (x%.2f)", k, row["local"]["total_fps"],
-                     row["triton"]["total_fps"], row["triton_over_local"])
+            log.info("K=%d local %.1f fps, triton %.1f fps (x%.2f); CPU ms/frame local %.1f, triton %.1f", k,
+                     row["local"]["total_fps"], row["triton"]["total_fps"], row["triton_over_local"],
+                     row["local"]["cpu_ms_per_frame"]["total"], row["triton"]["cpu_ms_per_frame"]["total"])
             results.append(row)
     cfg = (repo / "served" / "config.pbtxt").read_text().split("parameters")[0]
     out = write_result(args.out, {

@@ -182,9 +182,14 @@ class TritonPythonModel:
             err = pb_utils.TritonError(f"edgead model failed: {type(e).__name__}: {e}")
             return [pb_utils.InferenceResponse(error=err) for _ in requests]
         responses, start = [], 0
-        for n in sizes:
+        for r, n in zip(requests, sizes):
+            # only the outputs this request asked for cross back into the server (a headless camera asks for
+            # the scores, not the anomaly map); none named = all, as Triton defines it
+            wanted = set(r.requested_output_names()) if hasattr(r, "requested_output_names") else set()
             tensors = []
             for k in self.output_names:
+                if wanted and k not in wanted:
+                    continue
                 part = outs[k][start:start + n]
                 tensors.append(pb_utils.Tensor(k, np.ascontiguousarray(part.reshape(n) if k in self.per_item_scalar
                                                                        else part)))

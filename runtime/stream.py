@@ -47,6 +47,7 @@ class Summary:
     frames_dropped: int = 0
     ng_count: int = 0
     wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all its threads) while streaming: what scoring costs here
     fps: float = 0.0
     latency_ms_p50: float = 0.0
     latency_ms_p90: float = 0.0
@@ -157,6 +158,7 @@ class Stream:
         # (results still come out in frame order). Local engines score one batch at a time.
         remote = getattr(getattr(model, "backend", None), "name", "") == "triton"
         self.inflight = max(1, inflight if inflight is not None else (DEFAULT_INFLIGHT_REMOTE if remote else 1))
+        self._outputs: list[str] | None = None  # a remote server sends back only what this stream uses
         self.policy = policy or ("latest" if source.live else "block")
         if self.policy not in ("latest", "block"):
             raise ValueError(f"policy {self.policy!r}: choose latest or block")
@@ -172,6 +174,10 @@ class Stream:
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
         self.observers = ObserverSet(observers)  # runtime.observers: web view, MQTT; never slow the loop
+        if remote:  # the scores always; the anomaly map only for overlays (window, NG images, web view, MQTT)
+            self._outputs = ["image_score", *getattr(model, "components", [])]
+            if show or save_ng or observers:
+                self._outputs.append("anomaly_map")
         self.outage_after = outage_after  # a live source silent this long is reported as an outage
         self._last_frame_t = time.perf_counter()
         self._outage_since: float | None = None
@@ -261,12 +267,17 @@ class Stream:
         raise ServerUnavailable(f"inference server lost and {self.max_reconnects} reconnects failed; "
                                 "giving up (check the server, then restart the stream)") from e
 
+    def _call(self, prepared: np.ndarray) -> dict[str, np.ndarray]:
+        if self._outputs is None:
+            return self.model.infer(prepared)
+        return self.model.infer(prepared, outputs=self._outputs)
+
     def _infer(self, prepared: np.ndarray) -> dict[str, np.ndarray] | None:
         """The model call. A remote server gone -> reconnect; then "block" scores the same frames again (none
         lost), "latest" counts them dropped and gives None."""
         while True:
             try:
-                return self.model.infer(prepared)
+                return self._call(prepared)
             except ServerUnavailable as e:
                 if not self._server_lost(e, len(prepared)) or self.policy == "latest":
                     return None
@@ -279,7 +290,7 @@ class Stream:
             job.out = self._infer(prepared)
             job.t_done = time.perf_counter()
         else:
-            job.future = pool.submit(self.model.infer, prepared)
+            job.future = pool.submit(self._call, prepared)
             job.future.add_done_callback(job.mark_done)
         return job
 
@@ -307,7 +318,7 @@ class Stream:
         stats = StreamStats()  # fixed memory however long the stream runs
         busy = 0.0
         thread = threading.Thread(target=self._capture, name="capture", daemon=True)
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         self.observers.event("stream_started", source=self.source.name, provider=summary.provider)
         thread.start()
         last_report = t_start
@@ -367,6 +378,7 @@ class Stream:
             summary.error = f"{type(self._capture_error).__name__}: {self._capture_error}"
         wall = time.perf_counter() - t_start
         summary.wall_seconds = round(wall, 3)
+        summary.cpu_seconds = round(time.process_time() - cpu_start, 3)
         summary.frames_captured = self.buffer.captured
         summary.frames_dropped = self.buffer.dropped
         summary.server_reconnects = self.reconnects

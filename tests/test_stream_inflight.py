@@ -46,12 +46,13 @@ class RemoteStandIn:
     def __init__(self, down_between: tuple[int, int] | None = None, seed: int = 0):
         self.backend, self.down = _Backend(self), threading.Event()
         self.rng, self.lock, self.calls, self.down_between = random.Random(seed), threading.Lock(), 0, down_between
-        self.max_concurrent, self._running = 0, 0
+        self.max_concurrent, self._running, self.asked = 0, 0, []
 
     def prepare(self, frames):
         return np.stack(frames)
 
-    def infer(self, batch):
+    def infer(self, batch, outputs=None):
+        self.asked.append(outputs)
         with self.lock:
             self.calls += 1
             if self.down_between and self.calls == self.down_between[0]:
@@ -65,14 +66,16 @@ class RemoteStandIn:
             if self.down.is_set():
                 raise ServerUnavailable("stand-in server unreachable")
             v = batch[:, 0, 0, 0].astype(np.float32)
-            return {"image_score": v, "anomaly_map": np.zeros((len(batch), 1, 4, 4), np.float32)}
+            out = {"image_score": v, "anomaly_map": np.zeros((len(batch), 1, 4, 4), np.float32)}
+            return {k: a for k, a in out.items() if outputs is None or k in outputs}
         finally:
             with self.lock:
                 self._running -= 1
 
     def to_prediction(self, out):
         s = out["image_score"]
-        return Prediction(image_score=s, anomaly_map=out["anomaly_map"][:, 0], is_ng=s >= 1000, scores={}, raw=out)
+        amap = out["anomaly_map"][:, 0] if "anomaly_map" in out else None
+        return Prediction(image_score=s, anomaly_map=amap, is_ng=s >= 1000, scores={}, raw=out)
 
 
 def _records(sink: io.StringIO) -> list[dict]:
@@ -90,6 +93,13 @@ def test_inflight_keeps_frame_order(inflight, batch):
     assert [r["frame_id"] for r in recs] == list(range(60))
     assert [r["score"] for r in recs] == [float(i) for i in range(60)]  # each frame's own answer
     assert model.max_concurrent == inflight  # the window was used, and never exceeded
+    assert set(map(tuple, model.asked)) == {("image_score",)}  # headless, no overlays: the scores only
+
+
+def test_overlays_ask_for_the_map(tmp_path):
+    model, sink = RemoteStandIn(), io.StringIO()
+    summary = Stream(model, FramesSource(5), policy="block", sink=sink, save_ng=tmp_path / "ng").run()
+    assert summary.frames_scored == 5 and set(map(tuple, model.asked)) == {("image_score", "anomaly_map")}
 
 
 def test_remote_default_window_and_local_default():

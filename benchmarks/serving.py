@@ -73,6 +73,15 @@ def group_cpu_seconds(pgid: int) -> float:
     return total
 
 
+def batch_counts(http_url: str, model: str) -> dict[int, int]:
+    """Executions per batch size so far (Triton's statistics endpoint): how the server batched the requests."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{http_url}/v2/models/{model}/stats", timeout=10) as r:
+        stats = json.loads(r.read())["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
 def run_clients(cmds: list[list[str]], env: dict, work: Path, tag: str, server_pgid: int | None = None) -> dict:
     summaries = [work / f"{tag}_{i}.json" for i in range(len(cmds))]
     server_cpu = group_cpu_seconds(server_pgid) if server_pgid else 0.0
@@ -104,13 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cameras", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--frames", type=int, default=150, help="frames per camera")
     p.add_argument("--frame-size", type=int, default=480, help="camera frame size (square), JPEG in the video")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--queue-delay-us", type=int, default=2000)
+    p.add_argument("--max-batch", type=int, default=2, help="server max_batch_size (CPU instances: batching "
+                   "buys nothing per frame; small batches spread the requests over the instances)")
+    p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic batching "
+                   "max_queue_delay_microseconds (0: batch what is queued, never wait for more)")
     p.add_argument("--instances", type=int, help="server model instances (default: one per core, each with "
                    "cores // instances ONNX Runtime threads)")
     p.add_argument("--inflight", type=int, help="batches each Triton client keeps in flight (default: the "
                    "stream's own default with --server)")
     p.add_argument("--work", help="working folder (default: a temporary one)")
+    p.add_argument("--repeats", type=int, default=1, help="local/Triton pairs per K; the pair with the median "
+                   "ratio is reported (a loaded machine: 3 or 5)")
     p.add_argument("--out", default="serving.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -134,17 +147,28 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with LocalTriton(repo, work / "server.log", models=["served"]) as server:
         for k in args.cameras:
-            row = {"cameras": k}
             env = {**os.environ, "EDGEAD_THREADS": str(max(1, cores // k))}
-            row["local"] = run_clients([stream + ["--video", str(v), "--model", str(model)] for v in videos[:k]],
-                                       env, work, f"local_k{k}")
-            row["triton"] = run_clients([stream + ["--video", str(v), "--server", server.grpc_url, "--model-name",
-                                                   "served", *inflight] for v in videos[:k]], dict(os.environ), work, f"triton_k{k}",
-                                   server_pgid=server.proc.pid)
-            row["triton_over_local"] = round(row["triton"]["total_fps"] / row["local"]["total_fps"], 3)
-            log.info("K=%d local %.1f fps, triton %.1f fps (x%.2f); CPU ms/frame local %.1f, triton %.1f", k,
-                     row["local"]["total_fps"], row["triton"]["total_fps"], row["triton_over_local"],
-                     row["local"]["cpu_ms_per_frame"]["total"], row["triton"]["cpu_ms_per_frame"]["total"])
+            runs = []
+            for rep in range(args.repeats):  # local and Triton alternate, so a burst of other load hits both
+                run = {"local": run_clients([stream + ["--video", str(v), "--model", str(model)] for v in videos[:k]],
+                                            env, work, f"local_k{k}")}
+                before = batch_counts(server.http_url, "served")
+                run["triton"] = run_clients([stream + ["--video", str(v), "--server", server.grpc_url, "--model-name",
+                                                       "served", *inflight] for v in videos[:k]], dict(os.environ),
+                                            work, f"triton_k{k}", server_pgid=server.proc.pid)
+                after = batch_counts(server.http_url, "served")
+                run["triton"]["server_batches"] = {str(b): n - before.get(b, 0) for b, n in sorted(after.items())
+                                                   if n - before.get(b, 0)}
+                run["triton_over_local"] = round(run["triton"]["total_fps"] / run["local"]["total_fps"], 3)
+                log.info("K=%d local %.1f fps, triton %.1f fps (x%.2f); CPU ms/frame local %.1f, triton %.1f; "
+                         "server batches (size: count) %s", k, run["local"]["total_fps"], run["triton"]["total_fps"],
+                         run["triton_over_local"], run["local"]["cpu_ms_per_frame"]["total"],
+                         run["triton"]["cpu_ms_per_frame"]["total"], run["triton"]["server_batches"])
+                runs.append(run)
+            mid = sorted(runs, key=lambda r: r["triton_over_local"])[(len(runs) - 1) // 2]  # the median pair
+            row = {"cameras": k, **mid}
+            if len(runs) > 1:
+                row["ratios_of_all_repeats"] = [r["triton_over_local"] for r in runs]
             results.append(row)
     cfg = (repo / "served" / "config.pbtxt").read_text().split("parameters")[0]
     out = write_result(args.out, {
@@ -153,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "(nvidia-pytriton 0.7.0 wheel), python backend running ONNX Runtime CPU on the same machine, loopback gRPC",
         "local_threads_per_process": "cores // K (EDGEAD_THREADS)",
         "server_instances": instances, "server_threads_per_instance": max(1, cores // instances),
+        "repeats": args.repeats,
         "client_inflight": args.inflight or DEFAULT_INFLIGHT_REMOTE,
         "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
                                    "after": [round(x, 2) for x in os.getloadavg()]}, "triton_config": cfg, "results": results,

@@ -139,9 +139,6 @@ class _Job:
         self.out: dict[str, np.ndarray] | None = None
         self.t_done = t_sent
 
-    def mark_done(self, _future) -> None:
-        self.t_done = time.perf_counter()
-
 
 class Stream:
     """Capture thread + scoring loop around a ``runtime.model.Model`` (or anything with its API)."""
@@ -272,6 +269,11 @@ class Stream:
             return self.model.infer(prepared)
         return self.model.infer(prepared, outputs=self._outputs)
 
+    def _timed_call(self, job: "_Job") -> dict[str, np.ndarray]:
+        out = self._call(job.prepared)
+        job.t_done = time.perf_counter()  # set before the future completes: its reader sees it
+        return out
+
     def _infer(self, prepared: np.ndarray) -> dict[str, np.ndarray] | None:
         """The model call. A remote server gone -> reconnect; then "block" scores the same frames again (none
         lost), "latest" counts them dropped and gives None."""
@@ -290,8 +292,7 @@ class Stream:
             job.out = self._infer(prepared)
             job.t_done = time.perf_counter()
         else:
-            job.future = pool.submit(self._call, prepared)
-            job.future.add_done_callback(job.mark_done)
+            job.future = pool.submit(self._timed_call, job)
         return job
 
     def _result(self, job: "_Job") -> dict[str, np.ndarray] | None:

@@ -82,6 +82,20 @@ def batch_counts(http_url: str, model: str) -> dict[int, int]:
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
 
 
+def warm_up(url: str, model: str, instances: int, size: int, rounds: int = 3) -> None:
+    """A few requests to every server instance before timing (a fresh ONNX Runtime session's first runs are
+    slow); each local client warms its own session up the same way (``Model(warmup=2)``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.backends.triton_backend import TritonBackend
+
+    backend = TritonBackend(url, model)
+    x = np.zeros((1, size, size, 3), np.uint8)
+    with ThreadPoolExecutor(instances) as pool:  # concurrent requests: each instance gets some
+        list(pool.map(lambda _: backend.infer(x), range(rounds * instances)))
+    backend.close()
+
+
 def run_clients(cmds: list[list[str]], env: dict, work: Path, tag: str, server_pgid: int | None = None) -> dict:
     summaries = [work / f"{tag}_{i}.json" for i in range(len(cmds))]
     server_cpu = group_cpu_seconds(server_pgid) if server_pgid else 0.0
@@ -128,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from export.triton_repo import write_repository
+    from runtime.artifact import read_sidecar
     from runtime.stream import DEFAULT_INFLIGHT_REMOTE
     from runtime.triton_local import LocalTriton
 
@@ -146,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     load_before = os.getloadavg()
     with LocalTriton(repo, work / "server.log", models=["served"]) as server:
+        warm_up(server.grpc_url, "served", instances, read_sidecar(model).input.height)
         for k in args.cameras:
             env = {**os.environ, "EDGEAD_THREADS": str(max(1, cores // k))}
             runs = []

@@ -482,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     from .model import Model
 
+    if args.inflight is not None and args.inflight < 1:
+        print(f"error: --inflight {args.inflight}: give 1 or more", file=sys.stderr)
+        return 2
     try:
         source = open_source(args.camera, args.video, args.rtsp, args.gstreamer, args.images, args.demo,
                              demo_frames=args.demo_frames or None)
@@ -516,8 +519,6 @@ def main(argv: list[str] | None = None) -> int:
             log.info("no DISPLAY: running headless")
             show = False
     try:
-        if args.inflight is not None and args.inflight < 1:
-            raise ArtifactError(f"--inflight {args.inflight}: give 1 or more")
         stream = Stream(model, source, batch=args.batch, policy=args.policy, sink=sink, save_ng=args.save_ng,
                         show=show, max_frames=args.max_frames, observers=observers, inflight=args.inflight)
     except ArtifactError as e:

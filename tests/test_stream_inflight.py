@@ -132,3 +132,10 @@ def test_inflight_outage_latest_counts_drops():
     assert summary.error is None and summary.server_reconnects >= 1 and summary.frames_dropped >= 1
     assert ids == sorted(set(ids)) and all(r["score"] == float(r["frame_id"]) for r in recs)
     assert summary.frames_scored + summary.frames_dropped == summary.frames_captured == 60
+
+
+def test_cli_refuses_an_empty_window(capsys):
+    from runtime.stream import main
+
+    assert main(["--demo", "--model", "absent.onnx", "--inflight", "0", "-q"]) == 2
+    assert "error: --inflight 0: give 1 or more" in capsys.readouterr().err

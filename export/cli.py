@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="repository folder (created; other models in it are left alone)")
     tr.add_argument("--name", help="model name on the server (default: the file's stem)")
     tr.add_argument("--max-batch", type=int, default=8, help="max_batch_size for Triton's dynamic batcher (default 8)")
-    tr.add_argument("--instances", type=int, default=1, help="model instances (instance_group count, default 1)")
+    tr.add_argument("--instances", type=int, default=1, help="model instances (instance_group count, default 1); "
+                    "python variant: they share the server's cores, cores // instances ONNX Runtime threads each "
+                    "(on CPU give one per core with --max-batch 2 --queue-delay-us 0, see docs/scaling_out.md)")
     tr.add_argument("--backend", choices=["onnxruntime", "python"], default="onnxruntime",
                     help="onnxruntime: platform onnxruntime_onnx (production, official container); python: the same "
                     "ONNX run by ONNX Runtime inside Triton's python backend (servers without the ORT backend)")

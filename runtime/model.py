@@ -33,7 +33,7 @@ class Prediction:
     """
 
     image_score: np.ndarray  # [N]
-    anomaly_map: np.ndarray  # [N,H,W]
+    anomaly_map: np.ndarray | None  # [N,H,W]; None only when the caller asked a remote server for scores alone
     is_ng: np.ndarray  # [N] bool
     scores: dict[str, np.ndarray]
     raw: dict[str, np.ndarray]
@@ -113,20 +113,28 @@ class Model:
             batch = np.ascontiguousarray(batch[..., ::-1])
         return batch
 
-    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Prepared uint8 NHWC batch -> raw outputs. Splits/pads to a fixed engine batch size."""
+    def infer(self, batch: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Prepared uint8 NHWC batch -> raw outputs. Splits/pads to a fixed engine batch size.
+
+        ``outputs``: the names the caller needs; a remote server (Triton) sends only those back (less to
+        serialize and copy per frame), local engines return every output as before."""
+        if outputs is not None and getattr(self.backend, "selects_outputs", False):
+            return self._infer(batch, lambda x: self.backend.infer(x, outputs=outputs))
+        return self._infer(batch, self.backend.infer)
+
+    def _infer(self, batch: np.ndarray, call) -> dict[str, np.ndarray]:
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (self.height, self.width, 3):
             raise ValueError(f"batch must be uint8 [N,{self.height},{self.width},3], got {batch.dtype} {batch.shape}")
         b = self.fixed_batch
         if b is None or len(batch) == b:
-            return self.backend.infer(batch)
+            return call(batch)
         parts = []
         for i in range(0, len(batch), b):
             chunk = batch[i:i + b]
             n = len(chunk)
             if n < b:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)])
-            out = self.backend.infer(chunk)
+            out = call(chunk)
             parts.append({k: v[:n] for k, v in out.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -141,7 +149,7 @@ class Model:
         score = out["image_score"].astype(np.float32).reshape(-1)
         return Prediction(
             image_score=score,
-            anomaly_map=out["anomaly_map"][:, 0],
+            anomaly_map=out["anomaly_map"][:, 0] if "anomaly_map" in out else None,
             is_ng=score >= self.threshold,
             scores={k: np.asarray(out[k], np.float32).reshape(-1) for k in self.components if k in out},
             raw=out,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import json
 import logging
 import signal
@@ -36,6 +37,8 @@ from .stats import StreamStats
 
 log = logging.getLogger(__name__)
 
+DEFAULT_INFLIGHT_REMOTE = 2  # batches in flight to an inference server (--inflight)
+
 
 @dataclass
 class Summary:
@@ -44,6 +47,7 @@ class Summary:
     frames_dropped: int = 0
     ng_count: int = 0
     wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all its threads) while streaming: what scoring costs here
     fps: float = 0.0
     latency_ms_p50: float = 0.0
     latency_ms_p90: float = 0.0
@@ -124,15 +128,34 @@ class _Buffer:
             self.cond.notify_all()
 
 
+class _Job:
+    """One batch on its way through the model: its frames, the prepared tensor, the call (inline or a future)."""
+
+    __slots__ = ("items", "prepared", "t_sent", "reconnects", "future", "out", "t_done")
+
+    def __init__(self, items: list, prepared: np.ndarray, t_sent: float, reconnects: int):
+        self.items, self.prepared, self.t_sent, self.reconnects = items, prepared, t_sent, reconnects
+        self.future: concurrent.futures.Future | None = None
+        self.out: dict[str, np.ndarray] | None = None
+        self.t_done = t_sent
+
+
 class Stream:
     """Capture thread + scoring loop around a ``runtime.model.Model`` (or anything with its API)."""
 
     def __init__(self, model, source: Source, batch: int = 1, policy: str | None = None, sink: IO[str] | None = None,
                  save_ng: str | Path | None = None, show: bool = False, max_frames: int | None = None,
                  report_every: float = 5.0, reconnect_delay: float = 0.5, max_reconnects: int = 5,
-                 reconnect_max_delay: float = 30.0, observers: list | None = None, outage_after: float = 2.0):
+                 reconnect_max_delay: float = 30.0, observers: list | None = None, outage_after: float = 2.0,
+                 inflight: int | None = None):
         self.model, self.source = model, source
         self.batch = max(1, batch)
+        # batches in flight: with a remote server (Triton) the next frames are prepared and sent while the
+        # server works on the previous ones, so the network hop and the camera side overlap with inference
+        # (results still come out in frame order). Local engines score one batch at a time.
+        remote = getattr(getattr(model, "backend", None), "name", "") == "triton"
+        self.inflight = max(1, inflight if inflight is not None else (DEFAULT_INFLIGHT_REMOTE if remote else 1))
+        self._outputs: list[str] | None = None  # a remote server sends back only what this stream uses
         self.policy = policy or ("latest" if source.live else "block")
         if self.policy not in ("latest", "block"):
             raise ValueError(f"policy {self.policy!r}: choose latest or block")
@@ -148,6 +171,10 @@ class Stream:
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
         self.observers = ObserverSet(observers)  # runtime.observers: web view, MQTT; never slow the loop
+        if remote:  # the scores always; the anomaly map only for overlays (window, NG images, web view, MQTT)
+            self._outputs = ["image_score", *getattr(model, "components", [])]
+            if show or save_ng or observers:
+                self._outputs.append("anomaly_map")
         self.outage_after = outage_after  # a live source silent this long is reported as an outage
         self._last_frame_t = time.perf_counter()
         self._outage_since: float | None = None
@@ -215,90 +242,114 @@ class Stream:
         finally:
             self.buffer.close()
 
+    def _server_lost(self, e: BaseException, n_frames: int) -> bool:
+        """A remote server gone: reconnect with back-off like a dropped camera. "latest" counts the ``n_frames``
+        it could not score as dropped (stale by then). False if the stream was stopped meanwhile; raises
+        ServerUnavailable after ``max_reconnects`` failed tries."""
+        log.warning("%s", e)
+        if self.policy == "latest":
+            with self.buffer.cond:
+                self.buffer.dropped += n_frames
+            log.warning("%d frame(s) counted as dropped", n_frames)
+        for attempt in range(1, self.max_reconnects + 1):
+            if self._stop.is_set():
+                return False
+            log.warning("inference server lost, reconnecting in %.1fs (try %d/%d)",
+                        min(self.reconnect_max_delay, self.reconnect_delay * 2 ** attempt), attempt,
+                        self.max_reconnects)
+            if self.model.backend.wait_ready(attempt, base=self.reconnect_delay, max_delay=self.reconnect_max_delay):
+                self.reconnects += 1
+                log.warning("inference server back after %d tries", attempt)
+                return True
+        raise ServerUnavailable(f"inference server lost and {self.max_reconnects} reconnects failed; "
+                                "giving up (check the server, then restart the stream)") from e
+
+    def _call(self, prepared: np.ndarray) -> dict[str, np.ndarray]:
+        if self._outputs is None:
+            return self.model.infer(prepared)
+        return self.model.infer(prepared, outputs=self._outputs)
+
+    def _timed_call(self, job: "_Job") -> dict[str, np.ndarray]:
+        out = self._call(job.prepared)
+        job.t_done = time.perf_counter()  # set before the future completes: its reader sees it
+        return out
+
     def _infer(self, prepared: np.ndarray) -> dict[str, np.ndarray] | None:
-        """The model call. A remote server gone -> reconnect with back-off like a dropped camera; then
-        "block" scores the same frames again (none lost), "latest" counts them dropped (stale by then)."""
+        """The model call. A remote server gone -> reconnect; then "block" scores the same frames again (none
+        lost), "latest" counts them dropped and gives None."""
         while True:
             try:
-                return self.model.infer(prepared)
+                return self._call(prepared)
             except ServerUnavailable as e:
-                log.warning("%s", e)
-                if self.policy == "latest":
-                    with self.buffer.cond:
-                        self.buffer.dropped += len(prepared)
-                    log.warning("%d frame(s) counted as dropped", len(prepared))
-                for attempt in range(1, self.max_reconnects + 1):
-                    if self._stop.is_set():
-                        return None
-                    log.warning("inference server lost, reconnecting in %.1fs (try %d/%d)",
-                                min(self.reconnect_max_delay, self.reconnect_delay * 2 ** attempt), attempt,
-                                self.max_reconnects)
-                    if self.model.backend.wait_ready(attempt, base=self.reconnect_delay,
-                                                     max_delay=self.reconnect_max_delay):
-                        self.reconnects += 1
-                        log.warning("inference server back after %d tries", attempt)
-                        break
-                else:
-                    raise ServerUnavailable(f"inference server lost and {self.max_reconnects} reconnects failed; "
-                                            "giving up (check the server, then restart the stream)") from e
-                if self.policy == "latest":
+                if not self._server_lost(e, len(prepared)) or self.policy == "latest":
                     return None
+
+    def _submit(self, items: list, pool: concurrent.futures.Executor | None) -> "_Job":
+        """Prepare a batch and start its model call: inline (one batch at a time) or on the pool (in flight)."""
+        prepared = self.model.prepare([it[3] for it in items])
+        job = _Job(items, prepared, time.perf_counter(), self.reconnects)
+        if pool is None:
+            job.out = self._infer(prepared)
+            job.t_done = time.perf_counter()
+        else:
+            job.future = pool.submit(self._timed_call, job)
+        return job
+
+    def _result(self, job: "_Job") -> dict[str, np.ndarray] | None:
+        """The outputs of a job, waiting for it; None when its frames were counted as dropped."""
+        if job.future is None:
+            return job.out
+        try:
+            return job.future.result()
+        except ServerUnavailable as e:
+            if self.reconnects == job.reconnects:  # the first job to meet this outage reconnects
+                if not self._server_lost(e, len(job.prepared)) or self.policy == "latest":
+                    return None
+            elif self.policy == "latest":  # sent before an outage already recovered from: stale, dropped
+                with self.buffer.cond:
+                    self.buffer.dropped += len(job.prepared)
+                return None
+            job.t_sent = time.perf_counter()
+            out = self._infer(job.prepared)  # "block": score the same frames again, in their place in the order
+            job.t_done = time.perf_counter()
+            return out
 
     def run(self) -> Summary:
         summary = Summary(provider=getattr(self.model, "provider", ""))
         stats = StreamStats()  # fixed memory however long the stream runs
         busy = 0.0
         thread = threading.Thread(target=self._capture, name="capture", daemon=True)
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         self.observers.event("stream_started", source=self.source.name, provider=summary.provider)
         thread.start()
         last_report = t_start
         self._last_frame_t = t_start
+        pending: collections.deque[_Job] = collections.deque()  # in frame order
+        pool = (concurrent.futures.ThreadPoolExecutor(self.inflight, thread_name_prefix="infer")
+                if self.inflight > 1 else None)
         try:
-            while not self._stop.is_set():
-                items = self.buffer.take(self.batch)
-                self._write_events()
-                if items is None:
-                    break
-                self._watch_source(bool(items))
-                if not items:
-                    continue
+            while pending or not self._stop.is_set():
+                if len(pending) < self.inflight and not self._stop.is_set():
+                    items = self.buffer.take(self.batch, timeout=0.0 if pending else 0.5)
+                    self._write_events()
+                    if items is not None:
+                        self._watch_source(bool(items))
+                    if items:
+                        t_busy = time.perf_counter()
+                        pending.append(self._submit(items, pool))
+                        busy += time.perf_counter() - t_busy
+                        continue
+                    if not pending:
+                        if items is None:  # source ended and every frame is scored
+                            break
+                        continue
+                # the window is full, or no frame is waiting: finish the oldest batch (results in frame order)
                 t_busy = time.perf_counter()
-                frames = [it[3] for it in items]
-                prepared = self.model.prepare(frames)
-                t0 = time.perf_counter()
-                out = self._infer(prepared)
+                job = pending.popleft()
+                out = self._result(job)
                 if out is None:  # server was gone: these frames are counted as dropped
                     continue
-                t1 = time.perf_counter()
-                pred = self.model.to_prediction(out)
-                per_frame_model = (t1 - t0) / len(items)
-                for i, (fid, ts, t_cap, frame) in enumerate(items):
-                    score, ng = float(pred.image_score[i]), bool(pred.is_ng[i])
-                    done = time.perf_counter()
-                    latency_ms = (done - t_cap) * 1e3
-                    stats.add(latency_ms, per_frame_model * 1e3)
-                    summary.ng_count += ng
-                    rec = {"timestamp": round(ts, 6), "frame_id": fid, "score": round(score, 6),
-                           "scores": {k: round(float(v[i]), 6) for k, v in pred.scores.items()},
-                           "decision": "NG" if ng else "OK", "latency_ms": round(latency_ms, 3),
-                           "model_ms": round(per_frame_model * 1e3, 3)}
-                    view = overlay(frame, pred.anomaly_map[i], score, ng) if self.show or (
-                        ng and self.save_ng is not None) else None  # drawn once, saved and/or shown
-                    if ng and self.save_ng is not None:
-                        path = self.save_ng.save(f"ng_{fid:06d}.jpg", view)  # None when the disk is full
-                        if path is not None:
-                            rec["saved"] = path
-                    if self.sink is not None:
-                        self.sink.write(json.dumps(rec) + "\n")
-                    if self.observers:
-                        self.observers.frame(rec, frame, pred.anomaly_map[i])
-                    if self.show:
-                        cv2.imshow("edgead", view)
-                        if cv2.waitKey(1) & 0xFF in (27, ord("q")):
-                            summary.stopped_by = "user (q)"
-                            self.stop()
-                summary.frames_scored += len(items)
+                self._emit(job, out, summary, stats)
                 now = time.perf_counter()
                 busy += now - t_busy
                 if now - last_report >= self.report_every:
@@ -314,6 +365,8 @@ class Stream:
             log.error("stream stopped: %s", summary.error)
         finally:
             self.stop()
+            if pool is not None:  # requests still in flight after an error or Ctrl-C are not waited for
+                pool.shutdown(wait=False, cancel_futures=True)
             thread.join(timeout=5)
             self.source.close()
             self._write_events()
@@ -326,6 +379,7 @@ class Stream:
             summary.error = f"{type(self._capture_error).__name__}: {self._capture_error}"
         wall = time.perf_counter() - t_start
         summary.wall_seconds = round(wall, 3)
+        summary.cpu_seconds = round(time.process_time() - cpu_start, 3)
         summary.frames_captured = self.buffer.captured
         summary.frames_dropped = self.buffer.dropped
         summary.server_reconnects = self.reconnects
@@ -342,6 +396,38 @@ class Stream:
                                  error=summary.error, frames_scored=summary.frames_scored, ng_count=summary.ng_count)
             summary.observers = self.observers.close()
         return summary
+
+    def _emit(self, job: "_Job", out: dict[str, np.ndarray], summary: Summary, stats: StreamStats) -> None:
+        """Decisions, JSONL, overlays and observers for one scored batch, frame by frame."""
+        items = job.items
+        pred = self.model.to_prediction(out)
+        per_frame_model = (job.t_done - job.t_sent) / len(items)  # request sent -> answer (in flight: overlaps)
+        for i, (fid, ts, t_cap, frame) in enumerate(items):
+            score, ng = float(pred.image_score[i]), bool(pred.is_ng[i])
+            done = time.perf_counter()
+            latency_ms = (done - t_cap) * 1e3
+            stats.add(latency_ms, per_frame_model * 1e3)
+            summary.ng_count += ng
+            rec = {"timestamp": round(ts, 6), "frame_id": fid, "score": round(score, 6),
+                   "scores": {k: round(float(v[i]), 6) for k, v in pred.scores.items()},
+                   "decision": "NG" if ng else "OK", "latency_ms": round(latency_ms, 3),
+                   "model_ms": round(per_frame_model * 1e3, 3)}
+            view = overlay(frame, pred.anomaly_map[i], score, ng) if self.show or (
+                ng and self.save_ng is not None) else None  # drawn once, saved and/or shown
+            if ng and self.save_ng is not None:
+                path = self.save_ng.save(f"ng_{fid:06d}.jpg", view)  # None when the disk is full
+                if path is not None:
+                    rec["saved"] = path
+            if self.sink is not None:
+                self.sink.write(json.dumps(rec) + "\n")
+            if self.observers:
+                self.observers.frame(rec, frame, pred.anomaly_map[i])
+            if self.show:
+                cv2.imshow("edgead", view)
+                if cv2.waitKey(1) & 0xFF in (27, ord("q")):
+                    summary.stopped_by = "user (q)"
+                    self.stop()
+        summary.frames_scored += len(items)
 
     def _fill_field_counts(self, summary: Summary) -> None:
         """What went wrong in the field and was survived: unsaved writes, skipped frames, source outages."""
@@ -376,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_name", metavar="NAME",
                    help="multi-class model: use this product class's threshold (default: the global one)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size")
+    p.add_argument("--inflight", type=int, help="batches in flight to the inference server, so preparing and sending "
+                   f"overlap with inference; results stay in frame order (default {DEFAULT_INFLIGHT_REMOTE} with "
+                   "--server, 1 locally)")
     p.add_argument("--policy", choices=["latest", "block"], help="latest: drop stale frames (live default); block: score all")
     p.add_argument("--max-frames", type=int, help="stop after this many captured frames")
     p.add_argument("--demo-frames", type=int, default=200, help="length of the --demo stream (0 = endless)")
@@ -393,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     from .model import Model
 
+    if args.inflight is not None and args.inflight < 1:
+        print(f"error: --inflight {args.inflight}: give 1 or more", file=sys.stderr)
+        return 2
     try:
         source = open_source(args.camera, args.video, args.rtsp, args.gstreamer, args.images, args.demo,
                              demo_frames=args.demo_frames or None)
@@ -428,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             show = False
     try:
         stream = Stream(model, source, batch=args.batch, policy=args.policy, sink=sink, save_ng=args.save_ng,
-                        show=show, max_frames=args.max_frames, observers=observers)
+                        show=show, max_frames=args.max_frames, observers=observers, inflight=args.inflight)
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -226,6 +226,8 @@ def test_served_scores_equal_local(server, local, synthetic_root, proto):
     for k in want:
         assert got[k].shape == want[k].shape, k
         assert np.abs(got[k] - want[k]).max() <= 1e-5, k
+    only = remote.infer(prepared, outputs=["image_score"])  # what a headless stream asks for
+    assert list(only) == ["image_score"] and np.abs(only["image_score"] - want["image_score"]).max() <= 1e-5
     a, b = remote.predict(frames), local.predict(frames)
     assert np.abs(a.image_score - b.image_score).max() <= 1e-5
     assert (a.is_ng == b.is_ng).all() and remote.threshold == local.threshold

@@ -46,6 +46,7 @@ def _is_unavailable(e: BaseException) -> bool:
 
 class TritonBackend(Backend):
     name = "triton"
+    selects_outputs = True  # infer(..., outputs=[...]) asks the server for those outputs only
 
     def __init__(self, server: str, model_name: str, local_model: str | Path | None = None, timeout_s: float = 10.0):
         try:
@@ -61,6 +62,7 @@ class TritonBackend(Backend):
             import tritonclient.http as client_mod
         self._mod = client_mod
         self._tls = threading.local()
+        self._generation = 0
         self._check_server()
         config = self._config()
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -84,10 +86,15 @@ class TritonBackend(Backend):
 
     @property
     def client(self):
-        """One client per thread: the HTTP client (gevent) refuses calls from another thread than its own."""
+        """One client per thread: the HTTP client (gevent) refuses calls from another thread than its own.
+        ``close()`` retires every thread's client (a generation count): each thread makes a fresh one next."""
         c = getattr(self._tls, "client", None)
+        if c is not None and getattr(self._tls, "generation", -1) != self._generation:
+            self._close_client(c)  # a client of the server before a reconnect
+            c = None
         if c is None:
             c = self._tls.client = self._new_client()
+            self._tls.generation = self._generation
         return c
 
     def _new_client(self):
@@ -154,15 +161,17 @@ class TritonBackend(Backend):
     def provider(self) -> str:
         return f"triton:{self.protocol}://{self.address}/{self.model_name}"
 
-    def infer(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, frames: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """uint8 [N,H,W,3] -> the graph's outputs (``outputs``: only these names, in the graph's order)."""
+        names = self.output_names if outputs is None else [k for k in self.output_names if k in outputs]
         if self.fixed_batch is not None and len(frames) != self.fixed_batch:
             raise ValueError(f"the served model takes batches of exactly {self.fixed_batch}")
         if self.max_batch and len(frames) > self.max_batch:  # the server refuses larger requests: split
-            parts = [self.infer(frames[i:i + self.max_batch]) for i in range(0, len(frames), self.max_batch)]
+            parts = [self.infer(frames[i:i + self.max_batch], outputs) for i in range(0, len(frames), self.max_batch)]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         inp = self._mod.InferInput(self.input_name, list(frames.shape), "UINT8")
         inp.set_data_from_numpy(np.ascontiguousarray(frames))
-        outs = [self._mod.InferRequestedOutput(k) for k in self.output_names]
+        outs = [self._mod.InferRequestedOutput(k) for k in names]
         try:
             kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
             res = self.client.infer(self.model_name, [inp], outputs=outs, **kw)
@@ -171,7 +180,7 @@ class TritonBackend(Backend):
                 raise ServerUnavailable(f"Triton at {self.server} unreachable ({str(e).splitlines()[0][:120]})") from e
             raise RuntimeError(f"Triton refused the request for {self.model_name!r}: {str(e).splitlines()[0][:200]}") from e
         result = {}
-        for k in self.output_names:
+        for k in names:
             a = res.as_numpy(k)
             result[k] = a.reshape(len(frames)) if k in self._squeeze else a
         return result
@@ -188,7 +197,13 @@ class TritonBackend(Backend):
             return False
 
     def close(self) -> None:
+        """Close this thread's client; other threads' clients are replaced on their next call."""
+        self._generation += 1
         c, self._tls.client = getattr(self._tls, "client", None), None
+        self._close_client(c)
+
+    @staticmethod
+    def _close_client(c) -> None:
         try:
             if c is not None:
                 c.close()

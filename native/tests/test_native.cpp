@@ -77,6 +77,46 @@ TEST(Preprocess, WholeFactorAreaShrinkMatchesOpenCv) {
   }
 }
 
+// StripeFitter: the frame fed as stripes of any height gives the same bytes as fit_frame on the whole frame
+// (plus the RGB swap of Model::prepare), for every fit policy; frames without a whole factor >= 3 are refused.
+TEST(Preprocess, StripeFitterMatchesFitFrame) {
+  cv::RNG rng(11);
+  struct Case { int fh, fw, h, w; const char* fit; const char* order; };
+  const Case cases[] = {{1080, 1920, 256, 256, "stretch", "BGR"}, {1080, 1920, 256, 256, "center_crop", "RGB"},
+                        {1080, 1920, 224, 320, "letterbox", "BGR"}, {720, 1280, 128, 128, "stretch", "BGR"},
+                        {483, 644, 96, 128, "stretch", "RGB"}, {600, 800, 64, 64, "center_crop", "BGR"}};
+  int checked = 0;
+  for (const auto& c : cases) {
+    InputSpec in;
+    in.height = c.h;
+    in.width = c.w;
+    in.fit = c.fit;
+    in.color_order = c.order;
+    if (!StripeFitter::supports(in, c.fh, c.fw)) continue;
+    cv::Mat frame(c.fh, c.fw, CV_8UC3);
+    rng.fill(frame, cv::RNG::UNIFORM, 0, 256);
+    cv::Mat want = fit_frame(frame, c.h, c.w, "area", c.fit);
+    if (in.color_order == "RGB") cv::cvtColor(want, want, cv::COLOR_BGR2RGB);
+    StripeFitter fitter(in, c.fh, c.fw);
+    for (int stripe : {1, 7, 16, 64}) {  // the fitter is reused frame after frame
+      for (int y = 0; y < c.fh; y += stripe) fitter.push(frame.rowRange(y, std::min(c.fh, y + stripe)));
+      const cv::Mat got = fitter.finish();
+      ASSERT_EQ(got.size(), want.size());
+      EXPECT_EQ(cv::norm(got, want, cv::NORM_INF), 0.0) << c.fw << "x" << c.fh << " -> " << c.w << "x" << c.h << " "
+                                                        << c.fit << " in stripes of " << stripe;
+    }
+    ++checked;
+  }
+  EXPECT_GE(checked, 4);
+  InputSpec in;
+  in.height = in.width = 256;
+  EXPECT_FALSE(StripeFitter::supports(in, 600, 600));  // k = 2: left to OpenCV, needs the whole frame
+  EXPECT_FALSE(StripeFitter::supports(in, 1000, 1000)); // k = 3 does not divide 1000
+  EXPECT_THROW(StripeFitter(in, 600, 600), Error);
+  in.resize = "linear";
+  EXPECT_FALSE(StripeFitter::supports(in, 1024, 1024));
+}
+
 TEST(Preprocess, GrayBgraAndSixteenBit) {
   cv::Mat gray(33, 47, CV_8UC1);
   cv::randu(gray, 0, 256);

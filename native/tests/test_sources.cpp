@@ -30,21 +30,49 @@ fs::path write_video(const std::string& name, const std::string& fourcc, cv::Siz
   return path;
 }
 
+// Puts the stripes back together, checking they arrive top to bottom and cover the frame exactly once.
+class Assembler final : public edgead::StripeSink {
+ public:
+  bool begin(int height, int width) override {
+    frame.create(height, width, CV_8UC3);
+    frame.setTo(cv::Scalar::all(7));
+    filled = 0;
+    ++stripes;
+    return true;
+  }
+  void rows(const cv::Mat& stripe) override {
+    ASSERT_EQ(stripe.cols, frame.cols);
+    ASSERT_LE(filled + stripe.rows, frame.rows);
+    stripe.copyTo(frame.rowRange(filled, filled + stripe.rows));
+    filled += stripe.rows;
+  }
+  cv::Mat frame;
+  int filled = 0, stripes = 0;
+};
+
 void expect_same_frames(const fs::path& video, int n) {
   cv::VideoCapture cap(video.string());
   ASSERT_TRUE(cap.isOpened());
   auto src = edgead::open_ffmpeg_source("video", video.string());
-  cv::Mat a, b;
+  auto striped_src = edgead::open_ffmpeg_source("video", video.string());  // converts in stripes
+  Assembler sink;
+  cv::Mat a, b, unused;
   int count = 0;
   while (cap.read(a)) {
     ASSERT_TRUE(src->read(b)) << "FFmpeg reader ended early at frame " << count;
     ASSERT_EQ(a.size(), b.size());
     ASSERT_EQ(a.type(), b.type());
     EXPECT_EQ(cv::norm(a, b, cv::NORM_INF), 0.0) << "frame " << count << " differs";
+    bool striped = false;
+    ASSERT_TRUE(striped_src->read_striped(unused, sink, striped)) << "striped reader ended early at frame " << count;
+    ASSERT_TRUE(striped) << "the FFmpeg reader did not convert in stripes";
+    ASSERT_EQ(sink.filled, a.rows) << "stripes of frame " << count << " do not cover it";
+    EXPECT_EQ(cv::norm(a, sink.frame, cv::NORM_INF), 0.0) << "frame " << count << " differs when converted in stripes";
     ++count;
   }
   EXPECT_FALSE(src->read(b)) << "FFmpeg reader has more frames than cv::VideoCapture";
   EXPECT_EQ(count, n);
+  EXPECT_TRUE(unused.empty());
   fs::remove(video);
 }
 

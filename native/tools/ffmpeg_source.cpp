@@ -13,6 +13,7 @@ extern "C" {
 #include <libavcodec/avcodec.h>
 #include <libavformat/avformat.h>
 #include <libavutil/imgutils.h>
+#include <libavutil/pixdesc.h>
 #include <libswscale/swscale.h>
 }
 
@@ -40,9 +41,20 @@ class FfmpegSource final : public Source {
   ~FfmpegSource() override { release(); }
 
   bool read(cv::Mat& frame) override {
+    bool striped = false;
+    return read_any(frame, nullptr, striped);
+  }
+
+  bool read_striped(cv::Mat& frame, StripeSink& sink, bool& striped) override { return read_any(frame, &sink, striped); }
+
+  void close() override { release(); }
+
+ private:
+  bool read_any(cv::Mat& frame, StripeSink* sink, bool& striped) {
+    striped = false;
     int retries = 0;
     while (true) {
-      if (fmt_ && next(frame)) return true;
+      if (fmt_ && next(frame, sink, striped)) return true;
       if (!(reconnect_ && live)) return false;  // end of file: stop cleanly
       if (++retries > max_retries_)
         throw SourceError(name + ": stream lost and " + std::to_string(max_retries_) + " reconnects failed; giving up");
@@ -59,9 +71,6 @@ class FfmpegSource final : public Source {
     }
   }
 
-  void close() override { release(); }
-
- private:
   // FFmpeg calls this while it blocks in network I/O: give up after the deadline (OpenCV: 30 s open, 30 s read)
   static int interrupt(void* self) {
     auto* s = static_cast<FfmpegSource*>(self);
@@ -109,18 +118,22 @@ class FfmpegSource final : public Source {
     sws_ = nullptr;
     av_frame_free(&yuv_);
     av_frame_free(&bgr_);
+    av_frame_free(&stripe_);
     av_packet_free(&pkt_);
     avcodec_free_context(&dec_);
     if (fmt_) avformat_close_input(&fmt_);
     fmt_ = nullptr;
   }
 
-  // Next decoded frame as BGR24 into `frame` (reusing its memory when it is this size and not shared).
-  bool next(cv::Mat& frame) {
+  // Next decoded frame as BGR24 into `frame` (reusing its memory when it is this size and not shared), or in
+  // stripes into `sink` when it takes them.
+  bool next(cv::Mat& frame, StripeSink* sink, bool& striped) {
     while (true) {
       int rc = avcodec_receive_frame(dec_, yuv_);
       if (rc == 0) {
-        convert(frame);
+        striped = sink && stripeable() && sink->begin(yuv_->height, yuv_->width);
+        if (striped) convert_stripes(*sink);
+        else convert(frame);
         av_frame_unref(yuv_);
         return true;
       }
@@ -175,6 +188,59 @@ class FfmpegSource final : public Source {
     cv::Mat(h, w, CV_8UC3, bgr_->data[0], static_cast<size_t>(bgr_->linesize[0])).copyTo(frame);
   }
 
+  // convert() in stripes of kStripeRows rows: swscale takes the source picture slice by slice, top to bottom
+  // (its documented slice interface), and writes each output row at its row index from the destination pointer.
+  // Pointing that destination kStripeRows * k rows before a small buffer puts rows [done, done + n) into the buffer,
+  // in the same layout (stride, alignment) as the whole coded picture would have, so swscale takes the same
+  // conversion path and gives the same bytes (ctest compares them with cv::VideoCapture's whole frames). A
+  // vertically filtering path may return a few rows later than it received them: the buffer has room for that.
+  // Planar or packed pictures whose planes all advance by rows (no palette, no hardware frames).
+  bool stripeable() const {
+    const AVPixFmtDescriptor* d = av_pix_fmt_desc_get(static_cast<AVPixelFormat>(yuv_->format));
+    return d && !(d->flags & (AV_PIX_FMT_FLAG_PAL | AV_PIX_FMT_FLAG_HWACCEL | AV_PIX_FMT_FLAG_BITSTREAM)) &&
+           d->log2_chroma_h <= 2;
+  }
+
+  void convert_stripes(StripeSink& sink) {
+    constexpr int kStripeRows = 16;  // even: 4:2:0 slices must start on even rows
+    constexpr int kSlack = 64;       // rows a vertical filter can hold back and release with a later slice
+    const int w = yuv_->width, h = yuv_->height;
+    const int cw = std::max(dec_->coded_width, w), ch = std::max(dec_->coded_height, h);
+    sws_ = sws_getCachedContext(sws_, cw, ch, static_cast<AVPixelFormat>(yuv_->format), cw, ch, AV_PIX_FMT_BGR24,
+                                SWS_BICUBIC, nullptr, nullptr, nullptr);
+    if (!sws_) throw SourceError(name + ": cannot convert pixel format " + std::to_string(yuv_->format) + " to BGR");
+    if (!stripe_ || stripe_->width != cw) {
+      av_frame_free(&stripe_);
+      stripe_ = av_frame_alloc();
+      if (!stripe_) throw SourceError(name + ": out of memory for a frame stripe");
+      stripe_->format = AV_PIX_FMT_BGR24;
+      stripe_->width = cw;  // same line size and alignment as the whole picture convert() would use
+      stripe_->height = kStripeRows + kSlack;
+      if (av_frame_get_buffer(stripe_, 32) != 0) throw SourceError(name + ": out of memory for a frame stripe");
+    }
+    const int stride = stripe_->linesize[0];
+    if (cw == w && ch == h && (w * 3) % 32 == 0 && stride != w * 3)
+      throw SourceError(name + ": unexpected stripe layout");  // convert() would convert in place with stride w * 3
+    const AVPixFmtDescriptor* desc = av_pix_fmt_desc_get(static_cast<AVPixelFormat>(yuv_->format));
+    int done = 0;  // output rows received so far
+    for (int y = 0; y < ch; y += kStripeRows) {
+      const int n_in = std::min(kStripeRows, ch - y);
+      const uint8_t* src[4] = {nullptr, nullptr, nullptr, nullptr};  // the slice's first row in every plane
+      for (int p = 0; p < 4 && yuv_->data[p]; ++p) {
+        const int rows = (p == 1 || p == 2) ? (y >> desc->log2_chroma_h) : y;
+        src[p] = yuv_->data[p] + static_cast<ptrdiff_t>(rows) * yuv_->linesize[p];
+      }
+      uint8_t* dst[4] = {stripe_->data[0] - static_cast<ptrdiff_t>(done) * stride, nullptr, nullptr, nullptr};
+      const int dst_stride[4] = {stride, 0, 0, 0};
+      const int got = sws_scale(sws_, src, yuv_->linesize, y, n_in, dst, dst_stride);
+      if (got < 0 || got > stripe_->height) throw SourceError(name + ": converting a stripe failed");
+      const int visible = std::max(0, std::min(got, h - done));
+      if (visible > 0) sink.rows(cv::Mat(visible, w, CV_8UC3, stripe_->data[0], static_cast<size_t>(stride)));
+      done += got;
+    }
+    if (done < h) throw SourceError(name + ": converting in stripes gave " + std::to_string(done) + " of " + std::to_string(h) + " rows");
+  }
+
   std::string target_, kind_;
   bool reconnect_;
   int max_retries_;
@@ -183,6 +249,7 @@ class FfmpegSource final : public Source {
   AVPacket* pkt_ = nullptr;
   AVFrame* yuv_ = nullptr;
   AVFrame* bgr_ = nullptr;  // the coded-size picture, when it cannot be converted in place
+  AVFrame* stripe_ = nullptr;  // a few converted rows (convert_stripes)
   SwsContext* sws_ = nullptr;
   int stream_ = -1;
   bool eof_ = false;

@@ -16,11 +16,29 @@ class SourceError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Takes a decoded frame as stripes of BGR rows instead of one whole frame (edgead_stream feeds them to an
+// edgead::StripeFitter): a whole 1080p BGR frame is 6.2 MB, a stripe of 16 rows 92 KB.
+class StripeSink {
+ public:
+  virtual ~StripeSink() = default;
+  // A frame of this size has been decoded: true to take it in stripes, false to get it whole.
+  virtual bool begin(int height, int width) = 0;
+  // Its next rows, top to bottom: CV_8UC3 (BGR), `width` wide.
+  virtual void rows(const cv::Mat& stripe) = 0;
+};
+
 class Source {
  public:
   virtual ~Source() = default;
   // Next frame (BGR uint8) into `frame`, reusing its memory when it can; false at the end of the stream.
   virtual bool read(cv::Mat& frame) = 0;
+  // Next frame, as stripes into `sink` where this source can convert in stripes and sink.begin() accepts
+  // (`striped` true, `frame` untouched), else whole into `frame` as read() does. The same pixels either way.
+  virtual bool read_striped(cv::Mat& frame, StripeSink& sink, bool& striped) {
+    (void)sink;
+    striped = false;
+    return read(frame);
+  }
   virtual void close() {}
   bool live = false;  // frames arrive on their own clock (camera, RTSP): drop stale ones
   std::string name = "source";

@@ -76,6 +76,28 @@ cv::Mat as_bgr(const cv::Mat& image);
 cv::Mat fit_frame(const cv::Mat& frame, int height, int width, const std::string& resize = "area",
                   const std::string& fit = "stretch");
 
+// fit_frame (+ Model::prepare's colour order) for a BGR frame that arrives as horizontal stripes of rows, top to
+// bottom, so that the whole full-size frame never has to be in memory (a 1080p BGR frame is 6.2 MB; a decoder
+// can convert into a stripe of a few rows instead). The result is byte-identical to Model::prepare(frame).
+// Only for frames that fit_frame's area resize first shrinks by a whole factor k >= 3 (e.g. 1920x1080 ->
+// 256x256, k = 4): it needs just k rows at a time. supports() says whether a frame size qualifies.
+class StripeFitter {
+ public:
+  static bool supports(const InputSpec& in, int frame_h, int frame_w);
+  StripeFitter(const InputSpec& in, int frame_h, int frame_w);  // throws Error where !supports
+  void push(const cv::Mat& rows);  // the frame's next rows: CV_8UC3 (BGR), frame_w wide, any number of rows
+  cv::Mat finish();                // once all frame_h rows are in: (height, width, 3) uint8; ready for the next frame
+  int frame_height() const { return frame_h_; }
+  int frame_width() const { return frame_w_; }
+
+ private:
+  InputSpec in_;
+  int frame_h_, frame_w_, k_ = 1, next_row_ = 0;
+  cv::Rect crop_, paste_;
+  cv::Mat shrunk_;             // the whole-factor box average, filled k source rows at a time
+  std::vector<uint16_t> acc_;  // column sums of the current k rows
+};
+
 // Scores of one frame.
 struct Result {
   float image_score = 0.f;

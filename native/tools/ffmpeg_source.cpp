@@ -4,10 +4,7 @@
 // ~240 shared libraries they pull in (GDAL, GStreamer, ...): ~35 MB less resident memory in edgead_stream.
 #include <algorithm>
 #include <chrono>
-#include <cmath>
-#include <cstdio>
 #include <string>
-#include <thread>
 
 extern "C" {
 #include <libavcodec/avcodec.h>
@@ -52,23 +49,12 @@ class FfmpegSource final : public Source {
  private:
   bool read_any(cv::Mat& frame, StripeSink* sink, bool& striped) {
     striped = false;
-    int retries = 0;
-    while (true) {
-      if (fmt_ && next(frame, sink, striped)) return true;
-      if (!(reconnect_ && live)) return false;  // end of file: stop cleanly
-      if (++retries > max_retries_)
-        throw SourceError(name + ": stream lost and " + std::to_string(max_retries_) + " reconnects failed; giving up");
-      const double delay = std::min(30.0, 0.5 * std::pow(2.0, retries));
-      std::fprintf(stderr, "WARNING %s: stream lost, reconnecting in %.1fs (try %d/%d)\n", name.c_str(), delay, retries,
-                   max_retries_);
-      std::this_thread::sleep_for(std::chrono::duration<double>(delay));
-      release();
-      try {
-        open();
-      } catch (const SourceError& e) {
-        std::fprintf(stderr, "WARNING %s\n", e.what());
-      }
-    }
+    return read_reconnecting(
+        name, reconnect_ && live, max_retries_, [&] { return fmt_ && next(frame, sink, striped); },
+        [&] {
+          release();
+          open();
+        });
   }
 
   // FFmpeg calls this while it blocks in network I/O: give up after the deadline (OpenCV: 30 s open, 30 s read)

@@ -4,12 +4,8 @@
 // libraries (FFmpeg, GStreamer, GDAL, ...) that cost ~60 MB of resident memory in every process that links them;
 // a stream from a video file or RTSP (FFmpeg directly, ffmpeg_source.cpp) never loads them.
 #include <algorithm>
-#include <chrono>
-#include <cmath>
-#include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <thread>
 
 #include <opencv2/core/utils/logger.hpp>
 #include <opencv2/imgcodecs.hpp>
@@ -33,23 +29,12 @@ class CaptureSource final : public Source {
   }
 
   bool read(cv::Mat& frame) override {
-    int retries = 0;
-    while (true) {
-      if (cap_.read(frame) && !frame.empty()) return true;
-      if (!(reconnect_ && live)) return false;  // end of file, or a dead camera: stop cleanly
-      if (++retries > max_retries_)
-        throw SourceError(name + ": stream lost and " + std::to_string(max_retries_) + " reconnects failed; giving up");
-      const double delay = std::min(30.0, 0.5 * std::pow(2.0, retries));
-      std::fprintf(stderr, "WARNING %s: stream lost, reconnecting in %.1fs (try %d/%d)\n", name.c_str(), delay, retries,
-                   max_retries_);
-      std::this_thread::sleep_for(std::chrono::duration<double>(delay));
-      cap_.release();
-      try {
-        open();
-      } catch (const SourceError& e) {
-        std::fprintf(stderr, "WARNING %s\n", e.what());
-      }
-    }
+    return read_reconnecting(
+        name, reconnect_ && live, max_retries_, [&] { return cap_.read(frame) && !frame.empty(); },
+        [&] {
+          cap_.release();
+          open();
+        });
   }
 
   void close() override { cap_.release(); }

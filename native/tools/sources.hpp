@@ -1,9 +1,14 @@
 // Frame sources for edgead_stream: camera, video file, RTSP, GStreamer, image folder (as runtime/sources.py).
 #pragma once
 
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <opencv2/core.hpp>
@@ -43,6 +48,30 @@ class Source {
   bool live = false;  // frames arrive on their own clock (camera, RTSP): drop stale ones
   std::string name = "source";
 };
+
+// One frame from a source that may drop: `attempt()` reads it (true: got one). When it fails and the source
+// may reconnect (a live stream), wait with back-off (1, 2, 4, ... s, at most 30 s), `reopen()` and try again;
+// after `max_retries` failed tries throw SourceError. A file that ends (or `reconnect` false) returns false.
+// Header-only: the FFmpeg reader (in the program) and the OpenCV I/O module (a dlopen'ed library) share it.
+template <class Attempt, class Reopen>
+bool read_reconnecting(const std::string& name, bool reconnect, int max_retries, Attempt attempt, Reopen reopen) {
+  int retries = 0;
+  while (true) {
+    if (attempt()) return true;
+    if (!reconnect) return false;  // end of file, or a dead camera: stop cleanly
+    if (++retries > max_retries)
+      throw SourceError(name + ": stream lost and " + std::to_string(max_retries) + " reconnects failed; giving up");
+    const double delay = std::min(30.0, 0.5 * std::pow(2.0, retries));
+    std::fprintf(stderr, "WARNING %s: stream lost, reconnecting in %.1fs (try %d/%d)\n", name.c_str(), delay, retries,
+                 max_retries);
+    std::this_thread::sleep_for(std::chrono::duration<double>(delay));
+    try {
+      reopen();
+    } catch (const SourceError& e) {
+      std::fprintf(stderr, "WARNING %s\n", e.what());
+    }
+  }
+}
 
 // kind: camera | video | rtsp | gstreamer | images. reader: for video and rtsp, "ffmpeg" (FFmpeg's libraries
 // directly, the default) or "opencv" (cv::VideoCapture, through the OpenCV I/O module); other kinds always

@@ -248,8 +248,7 @@ class Stream:
         ServerUnavailable after ``max_reconnects`` failed tries."""
         log.warning("%s", e)
         if self.policy == "latest":
-            with self.buffer.cond:
-                self.buffer.dropped += n_frames
+            self._count_dropped(n_frames)
             log.warning("%d frame(s) counted as dropped", n_frames)
         for attempt in range(1, self.max_reconnects + 1):
             if self._stop.is_set():
@@ -263,6 +262,11 @@ class Stream:
                 return True
         raise ServerUnavailable(f"inference server lost and {self.max_reconnects} reconnects failed; "
                                 "giving up (check the server, then restart the stream)") from e
+
+    def _count_dropped(self, n_frames: int) -> None:
+        """Frames that were captured but will never be scored (the summary's frames_dropped)."""
+        with self.buffer.cond:
+            self.buffer.dropped += n_frames
 
     def _call(self, prepared: np.ndarray) -> dict[str, np.ndarray]:
         if self._outputs is None:
@@ -306,8 +310,7 @@ class Stream:
                 if not self._server_lost(e, len(job.prepared)) or self.policy == "latest":
                     return None
             elif self.policy == "latest":  # sent before an outage already recovered from: stale, dropped
-                with self.buffer.cond:
-                    self.buffer.dropped += len(job.prepared)
+                self._count_dropped(len(job.prepared))
                 return None
             job.t_sent = time.perf_counter()
             out = self._infer(job.prepared)  # "block": score the same frames again, in their place in the order

@@ -109,6 +109,14 @@ class FamilyConfig:
         return self.image_size[1]
 
 
+def build_on_lite(model_cls: type["AnomalyModel"], name: str, image_size, backbone: str, **kw) -> "AnomalyModel":
+    """A registered model of a family on a frozen ImageNet EfficientNet-Lite backbone: ``backbone`` (lite0/lite2)
+    and pretrained weights unless the caller says otherwise; the rest goes to the family's config."""
+    kw.setdefault("pretrained", True)
+    kw.setdefault("backbone", backbone)
+    return model_cls(model_cls.config_class(name=name, image_size=parse_hw(image_size), **kw))
+
+
 class AnomalyModel(nn.Module):
     """Base of every family: preprocessing + the family's ``raw`` + the shared ``DeployHead``."""
 

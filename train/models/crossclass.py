@@ -44,7 +44,7 @@ from calibration.memory import kmeans, memory_matrix, patches
 
 from .. import distributed
 from ..batch_share import BatchShare, mean_loss_sum
-from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
+from .base import AnomalyModel, ExportPolicy, FamilyConfig, build_on_lite
 from .efficientad import LiteTeacher
 from .patchcore import FEATURES_OUTPUT, FrozenPatchFeatures, nearest_squared_distance
 from .registry import register_model
@@ -356,17 +356,11 @@ def fit_crossclass(model: CrossClass, fit_frames: np.ndarray, train_cfg, device:
             "episodes_per_class": episodes, "history": history}
 
 
-def _build(name: str, image_size, default_backbone: str, **kw) -> CrossClass:
-    kw.setdefault("pretrained", True)
-    kw.setdefault("backbone", default_backbone)
-    return CrossClass(CrossClassConfig(name=name, image_size=parse_hw(image_size), **kw))
-
-
 # ----------------------------------------------------------------------------- registered models
 @register_model
 def crossclass_lite(image_size=256, **kw) -> CrossClass:
     """Lite2 stages 2+3 on a stride-16 grid, 2-layer masked predictor (width 128), 128 k-means prototypes."""
-    return _build("crossclass_lite", image_size, "lite2", **kw)
+    return build_on_lite(CrossClass, "crossclass_lite", image_size, "lite2", **kw)
 
 
 __all__ = ["CrossClass", "CrossClassConfig", "PrototypeMemory", "mask_groups"]

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from calibration.memory import build_memory, memory_matrix
 
-from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
+from .base import AnomalyModel, ExportPolicy, FamilyConfig, build_on_lite
 from .efficientad import LiteTeacher
 from .registry import register_model
 
@@ -201,23 +201,17 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
                 "memory_rows": n, "patches": patches, "steps_done": 0}
 
 
-def _build(name: str, image_size, default_backbone: str, **kw) -> PatchCore:
-    kw.setdefault("pretrained", True)
-    kw.setdefault("backbone", default_backbone)
-    return PatchCore(PatchCoreConfig(name=name, image_size=parse_hw(image_size), **kw))
-
-
 # ----------------------------------------------------------------------------- registered models
 @register_model
 def patchcore_lite(image_size=384, **kw) -> PatchCore:
     """Memory bank on Lite2 stages 2+3 (168 channels), stride 8, 3x3 averaging, greedy coreset."""
-    return _build("patchcore_lite", image_size, "lite2", **kw)
+    return build_on_lite(PatchCore, "patchcore_lite", image_size, "lite2", **kw)
 
 
 @register_model
 def patchcore_lite0(image_size=384, **kw) -> PatchCore:
     """The same on Lite0 (stages 2+3: 152 channels): a cheaper backbone."""
-    return _build("patchcore_lite0", image_size, "lite0", **kw)
+    return build_on_lite(PatchCore, "patchcore_lite0", image_size, "lite0", **kw)
 
 
 __all__ = ["PatchCore", "PatchCoreConfig", "NearestNeighbour", "FrozenPatchFeatures", "nearest_squared_distance", "memory_matrix"]

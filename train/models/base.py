@@ -109,11 +109,13 @@ class FamilyConfig:
         return self.image_size[1]
 
 
-def build_on_lite(model_cls: type["AnomalyModel"], name: str, image_size, backbone: str, **kw) -> "AnomalyModel":
-    """A registered model of a family on a frozen ImageNet EfficientNet-Lite backbone: ``backbone`` (lite0/lite2)
-    and pretrained weights unless the caller says otherwise; the rest goes to the family's config."""
+def build_on_lite(model_cls: type["AnomalyModel"], name: str, image_size, default_backbone: str,
+                  **kw) -> "AnomalyModel":
+    """A registered model of a family on a frozen ImageNet EfficientNet-Lite backbone: ``default_backbone``
+    (lite0/lite2) and pretrained weights unless the caller says otherwise (``backbone=``, ``pretrained=``);
+    the rest goes to the family's config."""
     kw.setdefault("pretrained", True)
-    kw.setdefault("backbone", backbone)
+    kw.setdefault("backbone", default_backbone)
     return model_cls(model_cls.config_class(name=name, image_size=parse_hw(image_size), **kw))
 
 

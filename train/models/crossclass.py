@@ -45,7 +45,6 @@ from calibration.memory import kmeans, memory_matrix, patches
 from .. import distributed
 from ..batch_share import BatchShare, mean_loss_sum
 from .base import AnomalyModel, ExportPolicy, FamilyConfig, build_on_lite
-from .efficientad import LiteTeacher
 from .patchcore import FEATURES_OUTPUT, FrozenPatchFeatures, nearest_squared_distance
 from .registry import register_model
 
@@ -212,15 +211,9 @@ class CrossClass(FrozenPatchFeatures, AnomalyModel):
                                               "(field calibration fits the prototypes from them)"}
 
     def __init__(self, cfg: CrossClassConfig):
-        if cfg.backbone not in ("lite0", "lite2"):
-            raise ValueError(f"backbone {cfg.backbone!r}: choose lite0 or lite2")
-        if cfg.stride not in (8, 16):
-            raise ValueError(f"stride {cfg.stride}: choose 8 or 16")
-        h, w = cfg.image_size
-        grid = (h // cfg.stride, w // cfg.stride)
+        grid, features = self.frozen_lite(cfg, (8, 16))
         super().__init__(cfg, grid)
-        self.features = LiteTeacher(f"efficientnet_{cfg.backbone}", cfg.out_indices, grid,
-                                    pretrained=cfg.pretrained, pool=cfg.pool)
+        self.features = features
         self.channels = self.features.channels
         self.memory = PrototypeMemory(cfg.prototypes, self.channels)
         self.predictor = MaskedPredictor(self.channels, grid[0] * grid[1], cfg, mask_groups(grid, cfg.mask_groups))

@@ -112,6 +112,20 @@ class FrozenPatchFeatures:
 
     _feats: torch.Tensor | None = None
 
+    @staticmethod
+    def frozen_lite(cfg, strides: tuple[int, ...]) -> tuple[tuple[int, int], LiteTeacher]:
+        """Check ``cfg.backbone`` and ``cfg.stride`` (one of ``strides``); the feature grid and the frozen Lite
+        trunk on it (assign it after ``AnomalyModel.__init__``)."""
+        if cfg.backbone not in ("lite0", "lite2"):
+            raise ValueError(f"backbone {cfg.backbone!r}: choose lite0 or lite2")
+        if cfg.stride not in strides:
+            choices = ", ".join(map(str, strides[:-1])) + f" or {strides[-1]}" if len(strides) > 1 else str(strides[0])
+            raise ValueError(f"stride {cfg.stride}: choose {choices}")
+        h, w = cfg.image_size
+        grid = (h // cfg.stride, w // cfg.stride)
+        return grid, LiteTeacher(f"efficientnet_{cfg.backbone}", cfg.out_indices, grid, pretrained=cfg.pretrained,
+                                 pool=cfg.pool)
+
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed [N,3,H,W] -> locally averaged patch features [N,C,h,w] float32."""
         with torch.no_grad():
@@ -144,14 +158,7 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
                                               "(field calibration builds the memory from them)"}
 
     def __init__(self, cfg: PatchCoreConfig):
-        if cfg.backbone not in ("lite0", "lite2"):
-            raise ValueError(f"backbone {cfg.backbone!r}: choose lite0 or lite2")
-        if cfg.stride not in (4, 8, 16):
-            raise ValueError(f"stride {cfg.stride}: choose 4, 8 or 16")
-        h, w = cfg.image_size
-        grid = (h // cfg.stride, w // cfg.stride)
-        features = LiteTeacher(f"efficientnet_{cfg.backbone}", cfg.out_indices, grid,
-                               pretrained=cfg.pretrained, pool=cfg.pool)
+        grid, features = self.frozen_lite(cfg, (4, 8, 16))
         super().__init__(cfg, grid, feature_dim=features.channels if cfg.global_gaussian else 0)
         self.features = features
         self.channels = self.features.channels

@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve", type=int, nargs="+", default=[10, 20, 50, 100], help="onboarding curve sizes")
     p.add_argument("--work", default="/tmp/crossclass_bench")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-bank", choices=("run", "skip"), default="run",
+                   help="skip: onboard only the cross-class model (quick studies; the result then has no comparison)")
     p.add_argument("--reuse", action="store_true", help="reuse models trained and exported by an earlier run in --work")
     p.add_argument("--name", default=None, help="result file name in benchmarks/results/")
     args = p.parse_args(argv)
@@ -157,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cc_onnx, cc_train_s = train_and_export("crossclass_lite", seen, work / "crossclass", args,
                                            parse_model_args(args.model_arg), args.episodes)
-    pc_onnx, pc_train_s = train_and_export("patchcore_lite", seen[:1], work / "memorybank", args, {}, 1)
+    pc_onnx, pc_train_s = (train_and_export("patchcore_lite", seen[:1], work / "memorybank", args, {}, 1)
+                           if args.memory_bank == "run" else (None, None))
+    families = (("crossclass", cc_onnx),) + ((("memory_bank", pc_onnx),) if pc_onnx else ())
     per_class, curves = {}, {}
 
     def payload(complete: bool) -> dict:
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "crossclass_options": parse_model_args(args.model_arg),
             "train_seconds": {"crossclass": cc_train_s and round(cc_train_s, 1),
                               "memory_bank": pc_train_s and round(pc_train_s, 1)},
-            "per_class": per_class, "mean": {f: _mean(per_class, f) for f in ("crossclass", "memory_bank")} if per_class else None,
+            "per_class": per_class, "mean": {f: _mean(per_class, f) for f, _ in families} if per_class else None,
             "onboarding_curve": curves, "cpu_threads": os.cpu_count(), "load_average_after": os.getloadavg(),
             "notes": "onboarding = python -m calibration fit (calibration.field.calibrate) on the first N train/good "
                      "images, any aspect accepted; metrics of the rewritten ONNX through ONNX Runtime on CPU; "
@@ -177,20 +181,18 @@ def main(argv: list[str] | None = None) -> int:
 
     name = args.name or f"crossclass_{args.protocol}.json"
     for data in unseen:  # results written after every class: a long run that is stopped keeps what it measured
-        per_class[data.name] = {"crossclass": onboard(cc_onnx, data, args.onboard, work),
-                                "memory_bank": onboard(pc_onnx, data, args.onboard, work)}
+        per_class[data.name] = {f: onboard(o, data, args.onboard, work) for f, o in families}
         write_result(name, payload(False))
         if data.name in args.curve_classes:
             curves[data.name] = {}
-            for fam, o in (("crossclass", cc_onnx), ("memory_bank", pc_onnx)):
+            for fam, o in families:
                 curves[data.name][fam] = [per_class[data.name][fam] if n == args.onboard else onboard(o, data, n, work)
                                           for n in args.curve]
                 write_result(name, payload(False))
     path = write_result(name, payload(True))
     final = payload(True)
     for name, r in per_class.items():
-        log.info("%-10s crossclass %s | memory bank %s", name, {k: round(r['crossclass'][k], 3) for k in METRICS},
-                 {k: round(r['memory_bank'][k], 3) for k in METRICS})
+        log.info("%-10s %s", name, " | ".join(f"{f} {({k: round(r[f][k], 3) for k in METRICS})}" for f in r))
     log.info("mean: %s", final["mean"])
     print(path)
     return 0

@@ -70,6 +70,12 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
+def is_grey(frame: np.ndarray) -> bool:
+    """One channel, or three equal ones (a grey camera saved as BGR)."""
+    return frame.ndim == 2 or frame.shape[2] == 1 or bool(
+        np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
+
+
 @dataclass
 class FrameCheck:
     """What the training images were: colour or not, their range of aspects (width / height)."""
@@ -92,9 +98,7 @@ class FrameCheck:
 
     def check(self, frame: np.ndarray, where: str) -> None:
         """Refuse frames whose colour or aspect the model never saw (wrong camera or setting)."""
-        gray = frame.ndim == 2 or frame.shape[2] == 1 or (
-            np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
-        if self.colour and gray:
+        if self.colour and is_grey(frame):
             raise CalibrationError(f"{where}: grayscale image, but the model was trained on colour images; "
                                    "use the colour camera setting")
         if self.aspect_range is None or self.fit != "stretch":
@@ -113,14 +117,18 @@ class Collected:
     raw_maps: np.ndarray  # float32 [N,K,h,w]
     features: np.ndarray | None  # float32 [N,D] (families with a Gaussian component)
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # e.g. patch features for a memory
+    colour: bool | None = None  # any of the images in colour (None: not recorded)
 
     def __len__(self) -> int:
         return len(self.raw_maps)
 
 
 def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: str = "good images",
-            any_aspect: bool = False) -> Collected:
-    """Run the deployed model over frames; keep its raw outputs (role 'raw' in the sidecar)."""
+            any_aspect: bool = False, any_colour: bool = False) -> Collected:
+    """Run the deployed model over frames; keep its raw outputs (role 'raw' in the sidecar).
+
+    ``any_colour``: grey images are accepted by a colour-trained model (onboarding a new product onto a
+    graph whose memory is refit from these very images: the new product defines what normal looks like)."""
     sc = model.sidecar
     has_gaussian = "features" in sc.roles
     extra = memory.extra_raw_outputs(sc)  # [] for graphs without a memory
@@ -132,12 +140,17 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
     check = FrameCheck.from_sidecar(sc)
     if any_aspect:
         check.aspect_range = None
+    if any_colour:
+        check.colour = None
+    seen_colour = False
     maps, feats = [], []
     more: dict[str, list[np.ndarray]] = {k: [] for k in extra}
 
     def checked():
+        nonlocal seen_colour
         for i, f in enumerate(frames):
             check.check(f, f"image {i}")
+            seen_colour = seen_colour or not is_grey(f)
             yield f
 
     for chunk in batched(tqdm(checked(), desc=desc, leave=False), batch):
@@ -150,13 +163,14 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
     if not maps:
         raise CalibrationError("no images were read")
     return Collected(np.concatenate(maps), np.concatenate(feats) if has_gaussian else None,
-                     {k: np.concatenate(v) for k, v in more.items()})
+                     {k: np.concatenate(v) for k, v in more.items()}, colour=seen_colour)
 
 
 @dataclass
 class CalibrationResult(HeadFit):
     class_name: str | None = None
     memory: dict | None = None  # what a memory refit did (graphs with a memory)
+    source_colour: bool | None = None  # a memory refit: whether the images it was fit on were in colour
     seconds: float | None = None  # wall time of the whole fit (reading images included)
 
 
@@ -187,6 +201,7 @@ def compute(model: Model, good: Collected, defects: Collected | None = None, tar
                                         np.float64)
         result.thresholds.fit_fpr = float((result.good_scores >= result.thresholds.image).mean())
         result.memory = mem.info
+        result.source_colour = good.colour
     return result
 
 
@@ -196,7 +211,7 @@ def _refit_memory(model: Model, good: Collected, defects: Collected | None):
     spec = memory.MemorySpec.from_sidecar(model.sidecar)
     src = source_graph(model.path, model.sidecar)
     mem = memory.fit_memory(src, model.sidecar, good.extra[spec.features_output])
-    good = Collected(mem.heldout_raw_maps, good.features, good.extra)
+    good = Collected(mem.heldout_raw_maps, good.features, good.extra, colour=good.colour)
     if defects is not None:
         maps = memory.MemoryScorer(src, spec)(mem.constants[spec.initializer], defects.extra[spec.features_output])
         defects = Collected(maps, defects.features, defects.extra)
@@ -271,6 +286,8 @@ def apply(model_path: str | Path, result: CalibrationResult, source: str, backup
     record = {"date": date, "source": source, "n_images": result.n_images}
     if result.memory:
         record["memory"] = result.memory
+        if result.source_colour is not None:  # the onboarded product now defines the camera's colour setting
+            sc.provenance["source_colour"] = bool(result.source_colour)
     if result.class_name is not None:
         sc.thresholds.per_class[result.class_name] = result.thresholds.image
         sc.provenance.setdefault("class_calibration", {})[result.class_name] = {
@@ -307,11 +324,13 @@ def calibrate(model_path: str | Path, good: str, defects: str | None = None, tar
     a ``.bak`` of it would only be litter."""
     t0 = time.perf_counter()
     model = Model(model_path, warmup=0)
-    g = collect(model, iter_images(good, max_images), any_aspect=any_aspect)
+    onboarding = class_name is None and memory.MemorySpec.from_sidecar(model.sidecar) is not None
+    g = collect(model, iter_images(good, max_images), any_aspect=any_aspect, any_colour=onboarding)
     if class_name is not None:
         result = compute_class_threshold(model, g, class_name, target_fpr)
     else:
-        d = collect(model, iter_images(defects, max_images), desc="defect images", any_aspect=any_aspect) if defects else None
+        d = collect(model, iter_images(defects, max_images), desc="defect images", any_aspect=any_aspect,
+                    any_colour=onboarding) if defects else None
         result = compute(model, g, d, target_fpr, puad_weight, puad_gate=puad_gate)
     model.close()
     if not dry_run:

@@ -111,6 +111,22 @@ def build_memory(features: np.ndarray, capacity: int, ratio: float, projection_d
 
 
 # ----------------------------------------------------------------------------- k-means
+def nearest_centre(x: np.ndarray, sq: np.ndarray, centres: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Index of each row's nearest centre and its squared distance, in row chunks (bounded memory, no [P,K]
+    temporaries beyond one chunk's scores)."""
+    cn = np.einsum("ij,ij->i", centres, centres)
+    assign = np.empty(len(x), np.int64)
+    d2min = np.empty(len(x), np.float32)
+    for i in range(0, len(x), chunk):
+        s = x[i:i + chunk] @ centres.T  # [n,K]
+        s *= -2.0
+        s += cn[None, :]  # ||c||^2 - 2 x.c: the row's own ||x||^2 does not change the argmin
+        a = np.argmin(s, axis=1)
+        assign[i:i + chunk] = a
+        d2min[i:i + chunk] = np.maximum(s[np.arange(len(a)), a] + sq[i:i + chunk], 0.0)
+    return assign, d2min
+
+
 def kmeans(features: np.ndarray, k: int, iterations: int = 20, seed: int = 0, init_sample: int = 20000) -> np.ndarray:
     """K k-means centres (Lloyd, k-means++ seeding) of patch rows: float32 [min(k, P), C].
 
@@ -139,17 +155,15 @@ def kmeans(features: np.ndarray, k: int, iterations: int = 20, seed: int = 0, in
         centres[i] = xs[j]
         np.minimum(nearest, np.maximum(sqs - 2.0 * (xs @ centres[i]) + sqs[j], 0.0), out=nearest)
     for _ in range(int(iterations)):
-        d2 = sq[:, None] - 2.0 * (x @ centres.T) + np.einsum("ij,ij->i", centres, centres)[None, :]
-        assign = np.argmin(d2, axis=1)
+        assign, d2min = nearest_centre(x, sq, centres)
         counts = np.bincount(assign, minlength=k)
-        onehot = np.zeros((p, k), np.float32)
-        onehot[np.arange(p), assign] = 1.0
-        sums = onehot.T @ x  # [k,C]
-        new = centres.copy()
         filled = counts > 0
-        new[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        order = np.argsort(assign, kind="stable")
+        starts = np.searchsorted(assign[order], np.flatnonzero(filled))  # segment starts of the filled clusters
+        new = centres.copy()
+        new[filled] = (np.add.reduceat(x[order], starts, axis=0) / counts[filled, None]).astype(np.float32)
         if not filled.all():  # re-seed empty clusters at the worst-fitted rows
-            far = np.argsort(-d2[np.arange(p), assign])[: int((~filled).sum())]
+            far = np.argsort(-d2min)[: int((~filled).sum())]
             new[~filled] = x[far]
         if np.allclose(new, centres, atol=1e-6):
             centres = new
@@ -175,7 +189,11 @@ class MemorySpec:
 
     @classmethod
     def from_sidecar(cls, sc) -> "MemorySpec | None":
-        d = (sc.family_params or {}).get("memory")
+        return cls.from_family_params(sc.family_params)
+
+    @classmethod
+    def from_family_params(cls, family_params: dict | None) -> "MemorySpec | None":
+        d = (family_params or {}).get("memory")
         if not d:
             return None
         try:
@@ -247,10 +265,18 @@ class MemoryScorer:
 
 
 def fit_memory(onnx_path: str | Path, sc, features: np.ndarray, seed: int = 0) -> MemoryFit:
-    """New memory from good images' patch features [N,C,h,w], with out-of-sample raw maps for the head fit."""
+    """New memory from good images' patch features [N,C,h,w], with out-of-sample raw maps for the head fit,
+    scored through the deployed graph's own ``patch_features -> raw_maps`` subgraph."""
     spec = MemorySpec.from_sidecar(sc)
     if spec is None:
         raise CalibrationError("this model has no memory to refit")
+    return fit_memory_with(spec, MemoryScorer(onnx_path, spec), features, seed)
+
+
+def fit_memory_with(spec: MemorySpec, scorer, features: np.ndarray, seed: int = 0) -> MemoryFit:
+    """The memory refit with any ``scorer(memory [C+1,M], features [N,C,h,w], batch) -> raw maps``: the graph's
+    subgraph in the field, the torch model's own search in training (its first calibration then sees the
+    same out-of-sample maps a field refit would)."""
     f = np.asarray(features, np.float32)
     if f.ndim != 4 or f.shape[1] != spec.dim:
         raise CalibrationError(f"patch features of shape {list(f.shape)}, the memory holds {spec.dim} channels; "
@@ -261,19 +287,18 @@ def fit_memory(onnx_path: str | Path, sc, features: np.ndarray, seed: int = 0) -
     advice = image_count_advice(len(f))
     if advice:
         (log.warning if len(f) < FEW_IMAGES else log.info)(advice)
-    scorer = MemoryScorer(onnx_path, spec)
     idx = np.random.default_rng(seed).permutation(len(f))
     halves = (idx[: len(f) // 2], idx[len(f) // 2:])
     heldout = None
     for own, other in (halves, halves[::-1]):
         mem, _ = build_memory_for(spec, f[own])
-        maps = scorer(mem, f[other])
+        maps = scorer(mem, f[other], 4)
         if heldout is None:
             heldout = np.empty((len(f),) + maps.shape[1:], np.float32)
         heldout[other] = maps
     memory, n = build_memory_for(spec, f)
     # one image at a time, as a batch-1 graph runs on the line: GEMM rounding depends on the batch
-    deployed = scorer(memory, f, batch=1)
+    deployed = scorer(memory, f, 1)
     info = {"method": spec.method, "rows": n, "capacity": spec.capacity,
             "patches": int(f.shape[0] * f.shape[2] * f.shape[3]), "n_images": int(len(f))}
     if spec.method == "coreset":

@@ -160,6 +160,26 @@ def test_failed_memory_refit_leaves_the_artifact_byte_identical(pc_copy, pc_data
     assert pc_copy.read_bytes() == model_bytes and sidecar_path(pc_copy).read_bytes() == side_bytes
 
 
+def test_a_grey_product_onboards_onto_a_colour_trained_memory_and_sets_the_colour_check(pc_copy, pc_dataset, tmp_path):
+    """Onboarding refits the memory from the new product's images, so their camera setting (grey) becomes the
+    model's: accepted and recorded in the sidecar (a threshold-only refit of a graph without a memory still
+    refuses grey images for a colour model: tests/test_calibration.py)."""
+    import cv2
+
+    from calibration.field import calibrate
+
+    assert read_sidecar(pc_copy).provenance["source_colour"] is True
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for p in sorted((pc_dataset / "train" / "good").glob("*.png"))[:12]:
+        cv2.imwrite(str(grey / p.name), cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2GRAY))
+    res = calibrate(pc_copy, str(grey))
+    assert res.memory["n_images"] == 12
+    sc = read_sidecar(pc_copy)
+    assert sc.provenance["source_colour"] is False
+    assert sc.provenance["calibration"]["memory"]["n_images"] == 12
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="lite0 or lite2"):
         create_model("patchcore_lite", image_size=IMAGE_SIZE, pretrained=False, backbone="resnet")

@@ -168,12 +168,16 @@ def calibrate_model(model: AnomalyModel, fit_frames: np.ndarray, val_frames: np.
                     puad_weight: float = 0.5, target_fpr: float = 0.01,
                     puad_gate: float | None = fitting.DEFAULT_PUAD_GATE) -> dict:
     """First calibration: the head's constants from held-out good images (Gaussian on the training
-    images), by ``calibration.headfit.fit_head`` -- the procedure field calibration runs too.
+    images), by ``calibration.headfit.fit_head`` -- the procedure field calibration runs too. Families that
+    set ``heldout_fit`` (a memory) add their out-of-sample training maps, as a field refit does.
 
     The networks run once per image; each fitting step re-scores the stored outputs."""
     raw_val = raw_outputs(model, val_frames, device)
     gfeat = None
-    if model.head.feature_dim:
+    held = model.heldout_fit
+    if held is not None:  # every image out-of-sample: one set, the Gaussian 2-fold inside fit_head (as in the field)
+        raw_val = {k: np.concatenate([held[k], raw_val[k]]) for k in raw_val}
+    elif model.head.feature_dim:
         gfeat = run_outputs(model, fit_frames, device, keys=("features",))["features"]
     fit = fit_head(raw_val["raw_maps"], raw_val.get("features"), torch_scorer(model, device), list(model.head.map_names),
                    puad_weight=puad_weight, puad_gate=puad_gate, target_fpr=target_fpr, gaussian_features=gfeat,

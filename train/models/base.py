@@ -128,6 +128,10 @@ class AnomalyModel(nn.Module):
     config_class = FamilyConfig
     # class name of each fit frame, set by the training loop before ``fit`` (families that train per class read it)
     train_classes: list[str] | None = None
+    # set by ``fit`` of families whose scoring holds the training images themselves (a memory): raw outputs of
+    # the fit frames, each scored out-of-sample ({"raw_maps": [N,K,h,w], "features": [N,D] when the head has
+    # a Gaussian}); the first calibration then fits the head on them as well as on the validation images
+    heldout_fit: dict | None = None
 
     def __init__(self, cfg: FamilyConfig, grid: tuple[int, int], feature_dim: int = 0, pad_cells: int = 0):
         super().__init__()

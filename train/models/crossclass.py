@@ -61,13 +61,13 @@ class CrossClassConfig(FamilyConfig):
     name: str = "crossclass_lite"
     backbone: str = "lite2"  # frozen ImageNet EfficientNet-Lite: lite0 or lite2
     out_indices: tuple[int, ...] = (2, 3)
-    stride: int = 16  # token grid, px per cell (16x16 tokens at 256 px)
+    stride: int = 8  # token grid, px per cell (32x32 tokens at 256 px: the memory bank's grid)
     pool: int = 3  # local averaging window of the features, in grid cells (1 = off)
     dim: int = 128  # transformer token width
     layers: int = 2
     heads: int = 4
     ff: int = 256
-    prototypes: int = 128  # K k-means centres (fixed in the exported graph)
+    prototypes: int = 512  # K k-means centres (fixed in the exported graph)
     kmeans_iters: int = 10
     mask_groups: int = 4  # complementary masks, 2x2-patch blocks in a 2x2 checkerboard (1 block group each)
     proto_images: tuple[int, int] = (10, 100)  # training: prototypes from this many images of the class

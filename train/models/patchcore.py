@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from calibration.memory import build_memory, memory_matrix
+from calibration.memory import MIN_IMAGES, MemorySpec, build_memory_for, fit_memory_with, memory_matrix
 
 from .base import AnomalyModel, ExportPolicy, FamilyConfig, build_on_lite
 from .efficientad import LiteTeacher
@@ -193,12 +193,25 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
         buf.copy_(torch.from_numpy(np.asarray(rows, np.float32)))
 
     def fit(self, fit_frames, val_frames, train_cfg, device: str) -> dict:
-        """Patch features of the training frames -> greedy coreset -> memory (no gradient steps)."""
+        """Patch features of the training frames -> greedy coreset -> memory (no gradient steps).
+
+        The memory is built as a field refit builds it (``calibration.memory.fit_memory_with``): a memory of
+        each half of the images also scores the other half, so the first calibration fits quantiles, score
+        weights and threshold on maps of every training image taken out-of-sample (``heldout_fit``), not only
+        on the few validation images (10 %: 6 of 60, too few for a score scale or a 1 % threshold)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         feats = self.extract(fit_frames, device)
         t1 = time.perf_counter()
-        rows, n = build_memory(feats, cfg.memory_size, cfg.coreset_ratio, cfg.projection_dim or None, cfg.coreset_seed)
+        spec = MemorySpec.from_family_params(self.family_params())
+        if len(feats) >= MIN_IMAGES:
+            mf = fit_memory_with(spec, self._torch_scorer(device), feats, cfg.coreset_seed)
+            rows, n = mf.constants[MEMORY_INITIALIZER], int(mf.info["rows"])
+            self.heldout_fit = {"raw_maps": mf.heldout_raw_maps}
+            if cfg.global_gaussian:
+                self.heldout_fit["features"] = feats.mean(axis=(2, 3))
+        else:
+            rows, n = build_memory_for(spec, feats)
         self.set_memory(rows)
         t2 = time.perf_counter()
         patches = int(feats.shape[0] * feats.shape[2] * feats.shape[3])
@@ -206,6 +219,18 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
                  n, patches, cfg.memory_size, t1 - t0, t2 - t1)
         return {"train_seconds": t2 - t0, "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1,
                 "memory_rows": n, "patches": patches, "steps_done": 0}
+
+    def _torch_scorer(self, device: str):
+        """``scorer(memory, features, batch) -> raw maps`` through this model's own nearest-neighbour search."""
+
+        @torch.no_grad()
+        def score(memory: np.ndarray, features: np.ndarray, batch: int) -> np.ndarray:
+            self.set_memory(memory)
+            out = [self.knn(torch.from_numpy(features[i:i + 64]).to(device)).cpu().numpy()
+                   for i in range(0, len(features), 64)]  # the search is per patch: the batch changes nothing
+            return np.concatenate(out)
+
+        return score
 
 
 # ----------------------------------------------------------------------------- registered models

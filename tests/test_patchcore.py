@@ -110,6 +110,17 @@ def test_trained_memory_and_export_parity(pc_checkpoint, pc_onnx, pc_dataset):
     assert (spec.initializer, spec.capacity, spec.dim) == ("memory_bank", 256, model.channels)
 
 
+def test_first_calibration_uses_every_training_image_out_of_sample(pc_checkpoint, pc_dataset):
+    """The memory holds the training images, so only maps of images outside it are fair; the head is fit on
+    2-fold held-out maps of all of them (as a field refit does), not on the 10 % validation split alone."""
+    from train.loop import load_checkpoint
+
+    model, blob = load_checkpoint(pc_checkpoint)
+    n_train = len(open_dataset(pc_dataset).train)
+    assert blob["train"]["n_fit"] < n_train  # a validation split was held out ...
+    assert blob["gaussian"]["n_images"] == n_train  # ... and the head still saw every image, out-of-sample
+
+
 def _torch_free(code: str) -> subprocess.CompletedProcess:
     """Run code with torch made unimportable (what a line PC without torch sees)."""
     return run_torch_free(code)

@@ -4,7 +4,7 @@ on many classes, onboarded to a new product by fitting its prototypes from good 
 Pieces, in the order of the method:
 
 - patch tokens: frozen ImageNet EfficientNet-Lite2 stages 2+3 (``LiteTeacher``, shared with EfficientAD-lite
-  and the memory bank), on a stride-16 grid (16x16 tokens at 256 px), locally averaged;
+  and the memory bank), on a stride-8 grid (32x32 tokens at 256 px, the memory bank's), locally averaged;
 - prototypes: K k-means centres of the class's good patch features, held in ONE named initializer
   ``prototypes`` [C+1, K] (``calibration.memory`` layout: features and squared norm per column), which
   ``python -m calibration fit`` recomputes torch-free from a new product's good images;
@@ -352,7 +352,7 @@ def fit_crossclass(model: CrossClass, fit_frames: np.ndarray, train_cfg, device:
 # ----------------------------------------------------------------------------- registered models
 @register_model
 def crossclass_lite(image_size=256, **kw) -> CrossClass:
-    """Lite2 stages 2+3 on a stride-16 grid, 2-layer masked predictor (width 128), 128 k-means prototypes."""
+    """Lite2 stages 2+3 on a stride-8 grid, 2-layer masked predictor (width 128), 512 k-means prototypes."""
     return build_on_lite(CrossClass, "crossclass_lite", image_size, "lite2", **kw)
 
 

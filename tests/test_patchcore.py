@@ -198,6 +198,14 @@ def test_config_errors_are_clear():
         create_model("patchcore_lite", image_size=IMAGE_SIZE, pretrained=False, stride=2)
 
 
+def test_backbone_model_arg_reaches_the_config():
+    """``--model-arg backbone=lite0`` on a Lite2-default family builds the Lite0 trunk (152 channels, not 168)."""
+    for name in ("patchcore_lite", "crossclass_lite"):
+        m = create_model(name, image_size=IMAGE_SIZE, pretrained=False, backbone="lite0")
+        assert m.cfg.backbone == "lite0" and m.channels == 152, name
+    assert create_model("patchcore_lite", image_size=IMAGE_SIZE, pretrained=False).channels == 168
+
+
 def test_each_model_has_its_own_default_input_size():
     """`train` without --image-size builds each model at its builder's default (the memory bank's was
     chosen on painted-validation sweeps, benchmarks/memory_bank_sweep.py); an unknown name is refused."""

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from runtime.artifact import ArtifactError, read_sidecar, sidecar_path, write_sidecar
+from runtime.dataset import is_grey
 from runtime.model import Model
 
 from . import fitting, memory
@@ -68,12 +69,6 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def is_grey(frame: np.ndarray) -> bool:
-    """One channel, or three equal ones (a grey camera saved as BGR)."""
-    return frame.ndim == 2 or frame.shape[2] == 1 or bool(
-        np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
 
 
 @dataclass

@@ -244,7 +244,7 @@ def extra_raw_outputs(sc) -> list[str]:
 class MemoryFit:
     constants: dict[str, np.ndarray]  # {initializer: memory matrix [C+1, capacity]}
     heldout_raw_maps: np.ndarray  # [N,1,h,w]: each image scored by the memory of the other half
-    deployed_raw_maps: np.ndarray  # [N,1,h,w]: scored by the memory written (what the deployed graph gives)
+    deployed_raw_maps: np.ndarray | None  # [N,1,h,w]: scored by the memory written (what the deployed graph gives)
     info: dict = field(default_factory=dict)
 
 
@@ -273,10 +273,11 @@ def fit_memory(onnx_path: str | Path, sc, features: np.ndarray, seed: int = 0) -
     return fit_memory_with(spec, MemoryScorer(onnx_path, spec), features, seed)
 
 
-def fit_memory_with(spec: MemorySpec, scorer, features: np.ndarray, seed: int = 0) -> MemoryFit:
+def fit_memory_with(spec: MemorySpec, scorer, features: np.ndarray, seed: int = 0, deployed: bool = True) -> MemoryFit:
     """The memory refit with any ``scorer(memory [C+1,M], features [N,C,h,w], batch) -> raw maps``: the graph's
     subgraph in the field, the torch model's own search in training (its first calibration then sees the
-    same out-of-sample maps a field refit would)."""
+    same out-of-sample maps a field refit would). ``deployed=False``: skip scoring the images with the final
+    memory (``deployed_raw_maps`` None; training does not report those scores)."""
     f = np.asarray(features, np.float32)
     if f.ndim != 4 or f.shape[1] != spec.dim:
         raise CalibrationError(f"patch features of shape {list(f.shape)}, the memory holds {spec.dim} channels; "
@@ -298,7 +299,7 @@ def fit_memory_with(spec: MemorySpec, scorer, features: np.ndarray, seed: int = 
         heldout[other] = maps
     memory, n = build_memory_for(spec, f)
     # one image at a time, as a batch-1 graph runs on the line: GEMM rounding depends on the batch
-    deployed = scorer(memory, f, 1)
+    deployed_maps = scorer(memory, f, 1) if deployed else None
     info = {"method": spec.method, "rows": n, "capacity": spec.capacity,
             "patches": int(f.shape[0] * f.shape[2] * f.shape[3]), "n_images": int(len(f))}
     if spec.method == "coreset":
@@ -306,4 +307,4 @@ def fit_memory_with(spec: MemorySpec, scorer, features: np.ndarray, seed: int = 
     if advice:
         info["advice"] = advice
     log.info("memory (%s): %d rows from %d patches (capacity %d)", spec.method, n, info["patches"], spec.capacity)
-    return MemoryFit({spec.initializer: memory}, heldout, deployed, info)
+    return MemoryFit({spec.initializer: memory}, heldout, deployed_maps, info)

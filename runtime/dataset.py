@@ -157,6 +157,12 @@ def read_mask(sample: Sample, height: int, width: int, fit: str = "stretch") -> 
     return mask
 
 
+def is_grey(frame: np.ndarray) -> bool:
+    """One channel, or three equal ones (a grey camera saved as BGR)."""
+    return frame.ndim == 2 or frame.shape[2] == 1 or bool(
+        np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
+
+
 def class_folders(paths: list[str | Path]) -> list[Path]:
     """Given folders -> MVTec class folders: a folder holding train/good is itself a class; a parent whose
     sub-folders hold train/good stands for all of them (sorted), e.g. ``--data ../shared/data/mvtec_ad``."""

@@ -222,12 +222,11 @@ def load_training_images(cfg: TrainConfig) -> TrainingImages:
         raise ValueError(f"class folders must have distinct names, got {names}")
     shapes: list[tuple[int, ...]] = []
     all_fit = [p for _, f, _ in splits for p in f]
-    from runtime.dataset import read_image
+    from runtime.dataset import is_grey, read_image
 
     for p in all_fit[:: max(1, len(all_fit) // 64)]:  # aspects and colour from up to 64 images
         img = read_image(p)
-        colour = not (np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]))
-        shapes.append((img.shape[0], img.shape[1], 3 if colour else 1))
+        shapes.append((img.shape[0], img.shape[1], 1 if is_grey(img) else 3))
     aspects = [w / h for h, w, _ in shapes]
     size = cfg.image_size if cfg.image_size is not None else default_image_size(cfg.model)
     explicit = isinstance(size, (tuple, list)) or "x" in str(size).lower()

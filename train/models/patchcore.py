@@ -169,7 +169,12 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
         """x: preprocessed [N,3,H,W] -> (nearest-neighbour distance [N,1,h,w], image-mean feature [N,C] or None)."""
         f = self.patch_features(x)
         self._feats = f  # handed to extra_outputs, so the graph runs the backbone once
-        return self.knn(f), (torch.mean(f, dim=(2, 3)) if self.cfg.global_gaussian else None)
+        return self.knn(f), (self.image_feature(f) if self.cfg.global_gaussian else None)
+
+    @staticmethod
+    def image_feature(f: torch.Tensor) -> torch.Tensor:
+        """Patch features [N,C,h,w] -> the image-mean feature [N,C] the optional Gaussian scores."""
+        return torch.mean(f, dim=(2, 3))
 
     # -- the hooks export and calibration read --------------------------------------
     def extra_calibration_buffers(self) -> list[tuple[str, str]]:
@@ -205,11 +210,11 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
         t1 = time.perf_counter()
         spec = MemorySpec.from_family_params(self.family_params())
         if len(feats) >= MIN_IMAGES:
-            mf = fit_memory_with(spec, self._torch_scorer(device), feats, cfg.coreset_seed)
+            mf = fit_memory_with(spec, self._torch_scorer(device), feats, cfg.coreset_seed, deployed=False)
             rows, n = mf.constants[MEMORY_INITIALIZER], int(mf.info["rows"])
             self.heldout_fit = {"raw_maps": mf.heldout_raw_maps}
             if cfg.global_gaussian:
-                self.heldout_fit["features"] = feats.mean(axis=(2, 3))
+                self.heldout_fit["features"] = self.image_feature(torch.from_numpy(feats)).numpy()
         else:
             rows, n = build_memory_for(spec, feats)
         self.set_memory(rows)

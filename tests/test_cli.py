@@ -52,6 +52,19 @@ def test_train_cli_builds_the_stride4_model(tmp_path, synthetic_root):
     assert r.returncode == 2 and "teacher pooling window 0" in r.stderr  # not silently the default 3
 
 
+def test_train_cli_takes_each_familys_schedule_unless_told():
+    """Without --steps / --batch-size a family trains on its own schedule, not EfficientAD's 70,000 x 1 (which
+    would run GeneralAD's discriminator for hours); given values always win."""
+    from train.cli import training_schedule
+    from train.loop import PAPER_STEPS
+
+    assert training_schedule("efficientad_lite", None, None) == (PAPER_STEPS, 1)
+    assert training_schedule("generalad_lite", None, None) == (600, 8)
+    assert training_schedule("crossclass_lite", None, None)[0] == 300
+    assert training_schedule("generalad_lite", 50, None) == (50, 8)
+    assert training_schedule("efficientad_lite", 10, 4) == (10, 4)
+
+
 def test_export_cli_reports_missing_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "export", "onnx", str(tmp_path / "c.pt"), "--out", str(tmp_path / "m.onnx")],
                        cwd=ROOT, capture_output=True, text=True)

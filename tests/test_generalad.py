@@ -69,6 +69,26 @@ def test_generation_step_combines_kinds_and_keeps_clean_images():
     assert bool((targets[2:].sum(1) > 0).all())
 
 
+def test_distort_before_pool_trains_on_the_tokens_the_graph_scores():
+    """The cached pre-pool grid, averaged, is exactly what the deployed graph feeds the discriminator;
+    pseudo-defects are averaged with it and their targets become the distorted share of each neighbourhood."""
+    from train.models.generalad import token_cache
+
+    model = _tiny(distort_before_pool=True, clean_fraction=0.25, distortions="noise,copy")
+    frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    cache = token_cache(model, frames, "cpu")
+    with torch.no_grad():
+        deployed = model.tokens(model.preprocess(torch.from_numpy(frames)))
+    torch.testing.assert_close(model.pool_tokens(cache), deployed, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cache, deployed)  # the cache really is the grid before averaging
+    gen = torch.Generator().manual_seed(0)
+    tokens, targets = generation_step(model, cache, parse_distortions(model.cfg.distortions), gen)
+    torch.testing.assert_close(tokens[:1], deployed[:1], rtol=1e-5, atol=1e-5)  # the clean image: deployed tokens
+    assert not targets[:1].any() and float(targets.min()) >= 0.0 and float(targets.max()) <= 1.0
+    soft = (targets > 0) & (targets < 1)
+    assert bool(soft[1:].any()), "averaging gives the border patches of a pseudo-defect a partial target"
+
+
 def test_tiny_model_trains_and_its_loss_falls(tmp_path, synthetic_root):
     from train.loop import TrainConfig, load_checkpoint, train
 

@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how images of another aspect are fitted to the input size (recorded in the artifact)")
     p.add_argument("--out", required=True, help="output folder for checkpoint.pt and train_log.jsonl")
     add_model_options(p)
-    p.add_argument("--steps", type=int, default=PAPER_STEPS, help=f"training steps (paper: {PAPER_STEPS})")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default: the family's; EfficientAD: the paper's {PAPER_STEPS})")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: the family's; EfficientAD: 1)")
     p.add_argument("--image-size", default=None, metavar="N|WxH",
                    help="N: about NxN pixels at the training images' aspect (multiples of 32, e.g. 416x160 for "
                         "2.5:1 parts at N=256); WxH: exactly this (default: the model's own, e.g. 256 for "
@@ -125,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def training_schedule(model: str, steps: int | None, batch_size: int | None) -> tuple[int, int]:
+    """--steps / --batch-size, each falling back to the model family's own schedule (GeneralAD trains 600 x 8,
+    cross-class 300 episodes), else the EfficientAD paper's 70,000 steps at batch 1."""
+    from .loop import PAPER_STEPS
+    from .models.registry import default_schedule
+
+    d_steps, d_batch = default_schedule(model) or (PAPER_STEPS, 1)
+    return (d_steps if steps is None else steps), (d_batch if batch_size is None else batch_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -144,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(folders) != len(args.data):
         log.info("training on %d class folders: %s", len(folders), ", ".join(Path(f).name for f in folders))
     data = folders[0] if len(folders) == 1 else folders
-    cfg = TrainConfig(data=data, out=args.out, model=args.model or SIZES[args.size], image_size=args.image_size,
-                      fit=args.fit, steps=args.steps,
-                      batch_size=args.batch_size, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
+    model = args.model or SIZES[args.size]
+    steps, batch = training_schedule(model, args.steps, args.batch_size)
+    cfg = TrainConfig(data=data, out=args.out, model=model, image_size=args.image_size,
+                      fit=args.fit, steps=steps, batch_size=batch, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
                       puad_gate=args.puad_gate, target_fpr=args.target_fpr, amp=args.amp, model_kwargs=kw,
                       map_blur=map_blur)
     try:

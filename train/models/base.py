@@ -126,6 +126,9 @@ class AnomalyModel(nn.Module):
     map_names: tuple[str, ...] = ("map",)
     export_policy = ExportPolicy()
     config_class = FamilyConfig
+    # the training schedule `python -m train` uses when --steps / --batch-size are not given: (steps, batch);
+    # None = the EfficientAD paper's (70,000 steps at batch 1). Families whose training differs set their own.
+    default_schedule: tuple[int, int] | None = None
     # class name of each fit frame, set by the training loop before ``fit`` (families that train per class read it)
     train_classes: list[str] | None = None
     # set by ``fit`` of families whose scoring holds the training images themselves (a memory): raw outputs of

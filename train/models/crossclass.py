@@ -207,6 +207,8 @@ class CrossClass(FrozenPatchFeatures, AnomalyModel):
     map_names = ("prediction_error", "prototype_distance")
     export_policy = ExportPolicy(fp16_parts=(), int8_keep_fp32=("/head/", "/memory/", "/predictor/"))
     config_class = CrossClassConfig
+    # --steps counts episodes: 300 is the schedule of every measured result (docs/crossclass.md); batch is not read
+    default_schedule = (300, 1)
     extra_output_meanings = {FEATURES_OUTPUT: "float32 [N,C,h,w], locally averaged patch features "
                                               "(field calibration fits the prototypes from them)"}
 

@@ -214,8 +214,17 @@ class LiteTeacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = torch.cat([F.interpolate(f, size=self.out_size, mode="bilinear", align_corners=False)
-                           for f in self.body(x)], 1)
+        return self.local_average(self.grid_features(x))
+
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The chosen stages resized to the grid, before local averaging: [N,C,*out_size]."""
+        return torch.cat([F.interpolate(f, size=self.out_size, mode="bilinear", align_corners=False)
+                          for f in self.body(x)], 1)
+
+    def local_average(self, feats: torch.Tensor) -> torch.Tensor:
+        """The ``pool`` x ``pool`` neighbourhood mean (borders: over the cells inside); identity for pool 1.
+
+        Linear and per channel, so it commutes with a per-channel affine map (a z-score)."""
         if self.pool == 1:
             return feats
         return F.avg_pool2d(feats, self.pool, 1, self.pool // 2, count_include_pad=False)

@@ -59,6 +59,9 @@ class GeneralADConfig(FamilyConfig):
     noise_std: float = 0.25  # Gaussian noise strength, in units of the z-scored features' std
     distort_fraction: tuple[float, float] = (0.02, 0.25)  # fraction of patches distorted per image
     clean_fraction: float = 0.25  # share of each batch left undistorted (all-negative targets)
+    # distort the backbone grid BEFORE its local averaging (``pool``), then average: a pseudo-defect then has the
+    # soft borders a real one has after averaging; distorted after it, its sharp token borders give it away
+    distort_before_pool: bool = False
     learning_rate: float = 1e-3  # Adam, discriminator only (TrainConfig.lr is EfficientAD's 1e-4: too slow here)
     map_blur_px: float = 4.0
 
@@ -221,6 +224,9 @@ class GeneralAD(AnomalyModel):
     map_names = ("discriminator",)
     export_policy = ExportPolicy(fp16_parts=("discriminator",), int8_keep_fp32=("/head/", "/backbone/"))
     config_class = GeneralADConfig
+    # 600 steps x 8: where the discriminator's loss had settled on real bottle at 256 px (~9 min on 2 idle CPU
+    # cores; docs/generalad.md). Only the discriminator trains, on cached tokens.
+    default_schedule = (600, 8)
 
     def __init__(self, cfg: GeneralADConfig):
         if cfg.backbone not in ("lite0", "lite2"):
@@ -251,6 +257,12 @@ class GeneralAD(AnomalyModel):
         logits, attn = self.discriminator(tokens.to(dtype), need_attention)
         return logits.float(), attn
 
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens or per-token values [N,L,C] of the backbone grid -> the same after its local averaging."""
+        n, length, c = tokens.shape
+        grid = tokens.transpose(1, 2).reshape(n, c, *self.grid)
+        return self.backbone.local_average(grid).flatten(2).transpose(1, 2)
+
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         """x: preprocessed [N,3,H,W] -> (patch logits [N,1,h,w], no pooled features)."""
         logits, _ = self.score_tokens(self.tokens(x))
@@ -270,19 +282,28 @@ def _batches(frames: np.ndarray, batch: int):
 def token_cache(model: GeneralAD, frames: np.ndarray, device: str) -> torch.Tensor:
     """Fit the per-channel token statistics, then return every training image's z-scored tokens [N,L,C].
 
-    The backbone is frozen and the distortions act on tokens, so the backbone runs once per image."""
-    feats = torch.cat([model.backbone(model.preprocess(torch.from_numpy(b).to(device))).float()
-                       for b in _batches(frames, 16)])
+    The backbone is frozen and the distortions act on tokens, so the backbone runs once per image. With
+    ``distort_before_pool`` the cached tokens are the grid before local averaging (z-scored with the averaged
+    tokens' statistics, which the graph uses: averaging commutes with the z-score), averaged after distortion."""
+    back = model.backbone
+    grid = torch.cat([back.grid_features(model.preprocess(torch.from_numpy(b).to(device))).float()
+                      for b in _batches(frames, 16)])
+    feats = back.local_average(grid)
     model.token_mean.copy_(feats.mean(dim=(0, 2, 3)).view_as(model.token_mean))
     model.token_std.copy_(feats.std(dim=(0, 2, 3)).clamp(min=1e-6).view_as(model.token_std))
-    return ((feats - model.token_mean) / model.token_std).flatten(2).transpose(1, 2).contiguous()
+    keep = grid if model.cfg.distort_before_pool else feats
+    return ((keep - model.token_mean) / model.token_std).flatten(2).transpose(1, 2).contiguous()
 
 
 def generation_step(model: GeneralAD, clean: torch.Tensor, kinds: tuple[str, ...],
                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of training inputs: some clean images, the rest distorted by one drawn kind each -> (tokens, targets)."""
+    """One batch of training inputs: some clean images, the rest distorted by one drawn kind each -> (tokens, targets).
+
+    With ``distort_before_pool``, ``clean`` is the grid before local averaging; tokens and targets come out
+    averaged (a target is then the distorted share of the patch's neighbourhood, a soft label)."""
     cfg = model.cfg
     n = clean.shape[0]
+    pooled = model.pool_tokens if cfg.distort_before_pool else (lambda t: t)
     tokens = clean.clone()
     targets = torch.zeros(clean.shape[:2], device=clean.device)
     n_clean = int(round(cfg.clean_fraction * n)) if n > 1 else 0
@@ -290,7 +311,7 @@ def generation_step(model: GeneralAD, clean: torch.Tensor, kinds: tuple[str, ...
     attention = None
     if "attention" in kinds and bool((choice[n_clean:] == kinds.index("attention")).any()):
         with torch.no_grad():
-            _, attention = model.score_tokens(clean, need_attention=True)
+            _, attention = model.score_tokens(pooled(clean), need_attention=True)
             attention = attention.float()
     frac = tuple(cfg.distort_fraction)
     for k, kind in enumerate(kinds):
@@ -307,6 +328,8 @@ def generation_step(model: GeneralAD, clean: torch.Tensor, kinds: tuple[str, ...
         else:
             d, m = distort(src, kind, model.grid, frac, cfg.noise_std, gen, att)
             tokens[rows], targets[rows] = d, m.float()
+    if cfg.distort_before_pool:
+        return pooled(tokens), pooled(targets[..., None])[..., 0]
     return tokens, targets
 
 

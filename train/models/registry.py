@@ -52,6 +52,16 @@ def default_image_size(name: str) -> int:
     return int(default) if isinstance(default, int) else 256
 
 
+def default_schedule(name: str) -> tuple[int, int] | None:
+    """(steps, batch size) the model's family trains with when none is asked, or None (the training loop's own)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    ret = inspect.signature(_REGISTRY[name]).return_annotation
+    if isinstance(ret, str):
+        ret = _REGISTRY[name].__globals__.get(ret)
+    return getattr(ret, "default_schedule", None) if isinstance(ret, type) else None
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")

@@ -32,8 +32,17 @@ def test_each_distortion_changes_exactly_its_mask(kind):
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randn(6, 64, 12, generator=gen)
     attention = torch.rand(6, 64, generator=gen)
-    out, mask = distort(tokens, kind, GRID, (0.1, 0.2), 0.25, gen, attention)
+    out, mask, target = distort(tokens, kind, GRID, (0.1, 0.2), 0.25, gen, attention)
     assert out.shape == tokens.shape and mask.shape == (6, 64)
+    assert torch.equal(target > 0, mask)  # the target marks exactly the distorted patches
+    if kind == "blend":  # a graded target: the blend weight, one per image, never below BLEND_MIN
+        from train.models.generalad import BLEND_MIN
+
+        for i in range(6):
+            w = target[i, mask[i]]
+            assert float(w.min()) == float(w.max()) and BLEND_MIN <= float(w[0]) <= 1.0
+    else:
+        assert torch.equal(target, mask.float())
     counts = mask.sum(1)
     assert int(counts.min()) >= round(0.1 * 64) and int(counts.max()) <= round(0.2 * 64)
     changed = (out != tokens).any(-1)
@@ -65,7 +74,7 @@ def test_generation_step_combines_kinds_and_keeps_clean_images():
     clean = torch.randn(8, 64, model.channels, generator=gen)
     tokens, targets = generation_step(model, clean, parse_distortions(model.cfg.distortions), gen)
     assert torch.equal(tokens[:2], clean[:2]) and not targets[:2].any()
-    assert torch.equal((tokens != clean).any(-1), targets > 0.5)
+    assert torch.equal((tokens != clean).any(-1), targets > 0)
     assert bool((targets[2:].sum(1) > 0).all())
 
 

@@ -38,7 +38,8 @@ from .registry import register_model
 
 log = logging.getLogger(__name__)
 
-DISTORTIONS = ("noise", "shuffle", "copy", "attention")
+DISTORTIONS = ("noise", "shuffle", "copy", "attention", "blend")
+BLEND_MIN = 0.25  # weakest blend of a 'blend' pseudo-defect (its target is the blend weight)
 
 
 # ----------------------------------------------------------------------------- config
@@ -166,8 +167,11 @@ def distort_shuffle(tokens: torch.Tensor, mask: torch.Tensor, gen: torch.Generat
     return out
 
 
-def distort_copy(tokens: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Masked tokens replaced by tokens of another image of the batch (or, alone, other positions), random sources."""
+def distort_copy(tokens: torch.Tensor, mask: torch.Tensor, gen: torch.Generator,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked tokens replaced by tokens of another image of the batch (or, alone, other positions), random sources.
+
+    ``weight`` [N] in (0, 1]: blend instead, ``(1 - w) * token + w * source`` (1 = replace)."""
     n, length, _ = tokens.shape
     out = tokens.clone()
     for i in range(n):
@@ -182,7 +186,8 @@ def distort_copy(tokens: torch.Tensor, mask: torch.Tensor, gen: torch.Generator)
             j = i
             same = src_pos == idx  # never copy a patch onto itself
             src_pos = torch.where(same, (src_pos + length // 2) % length, src_pos)
-        out[i, idx] = tokens[j, src_pos]
+        src = tokens[j, src_pos]
+        out[i, idx] = src if weight is None else tokens[i, idx] + float(weight[i]) * (src - tokens[i, idx])
     return out
 
 
@@ -196,23 +201,30 @@ def attention_mask(attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def distort(tokens: torch.Tensor, kind: str, grid: tuple[int, int], fraction: tuple[float, float], noise_std: float,
-            gen: torch.Generator, attention: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [N,L,C] -> (distorted tokens, exact patch mask [N,L] bool) for one distortion kind.
+            gen: torch.Generator, attention: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens [N,L,C] -> (distorted tokens, exact patch mask [N,L] bool, training target [N,L] float).
 
+    The target is the mask, except for 'blend' (a copy-out blended with weight w ~ U(BLEND_MIN, 1) per image):
+    there it is w on the masked patches, so the discriminator learns a graded score (a patch half covered by a
+    defect is half as anomalous) instead of a yes/no that paints the defect's whole neighbourhood.
     ``attention`` ([N,L], attention received per token) is needed by kind 'attention' only.
     """
     mask = patch_mask(tokens.shape[0], grid, fraction, gen, tokens.device)
     if kind == "noise":
-        return distort_noise(tokens, mask, noise_std, gen), mask
+        return distort_noise(tokens, mask, noise_std, gen), mask, mask.float()
     if kind == "shuffle":
-        return distort_shuffle(tokens, mask, gen), mask
+        return distort_shuffle(tokens, mask, gen), mask, mask.float()
     if kind == "copy":
-        return distort_copy(tokens, mask, gen), mask
+        return distort_copy(tokens, mask, gen), mask, mask.float()
+    if kind == "blend":
+        weight = BLEND_MIN + (1.0 - BLEND_MIN) * torch.rand(tokens.shape[0], generator=gen)
+        return distort_copy(tokens, mask, gen, weight), mask, mask.float() * weight.to(tokens.device)[:, None]
     if kind == "attention":
         if attention is None:
             raise ValueError("the 'attention' distortion needs the discriminator's attention")
         mask = attention_mask(attention, mask)
-        return distort_noise(tokens, mask, noise_std, gen), mask
+        return distort_noise(tokens, mask, noise_std, gen), mask, mask.float()
     raise ValueError(f"distortion {kind!r}: choose one of {', '.join(DISTORTIONS)}")
 
 
@@ -319,15 +331,15 @@ def generation_step(model: GeneralAD, clean: torch.Tensor, kinds: tuple[str, ...
         rows = rows[rows >= n_clean]
         if rows.numel() == 0:
             continue
-        # copy takes its sources from the whole batch (other images); the others act per image
-        src = clean if kind == "copy" else clean[rows]
+        # copy and blend take their sources from the whole batch (other images); the others act per image
+        src = clean if kind in ("copy", "blend") else clean[rows]
         att = None if attention is None else attention[rows]
-        if kind == "copy":
-            d, m = distort(src, kind, model.grid, frac, cfg.noise_std, gen)
-            tokens[rows], targets[rows] = d[rows], m[rows].float()
+        if kind in ("copy", "blend"):
+            d, _, t = distort(src, kind, model.grid, frac, cfg.noise_std, gen)
+            tokens[rows], targets[rows] = d[rows], t[rows]
         else:
-            d, m = distort(src, kind, model.grid, frac, cfg.noise_std, gen, att)
-            tokens[rows], targets[rows] = d, m.float()
+            d, _, t = distort(src, kind, model.grid, frac, cfg.noise_std, gen, att)
+            tokens[rows], targets[rows] = d, t
     if cfg.distort_before_pool:
         return pooled(tokens), pooled(targets[..., None])[..., 0]
     return tokens, targets
@@ -339,7 +351,7 @@ def balanced_bce(logits: torch.Tensor, targets: torch.Tensor, share: BatchShare 
     ``share`` (DDP): the two means are over the global batch's patches (counts summed over ranks), written
     so DDP's gradient average is the one-process gradient."""
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    pos = targets > 0.5
+    pos = targets > 0  # every distorted patch, blended ones included (their target is the blend weight)
     if share is not None:
         n_pos = int(share.total_of(pos.sum()))
         n_neg = int(share.total_of((~pos).sum()))

@@ -93,7 +93,7 @@ def run_one(spec: str, data: str, work: Path, args) -> dict:
     metrics = evaluate_model(model, data, "cpu", blob["thresholds"]["image"])
     painted = painted_validation(model, cfg)
     onnx_path = export_onnx(ckpt, out / "model.onnx")
-    row = {"model": name, "options": kw, "data": str(data), "family": blob["family"],
+    row = {"model": name, "options": kw, "config": blob["config"], "data": str(data), "family": blob["family"],
            "image_size": list(model.cfg.image_size),
            "fit_wall_seconds": round(fit_s, 1), "train_facts": {k: v for k, v in blob["train"].items()
                                                                  if k.endswith("seconds") or k in ("memory_rows", "patches", "n_fit", "steps")},

@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--variants", nargs="+", default=["noise,shuffle,copy,attention", "noise", "shuffle", "copy", "attention"])
+    p.add_argument("--variants", nargs="+", default=["noise", "noise,shuffle,copy,attention", "shuffle", "copy", "attention"])
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=JSON", help="extra GeneralADConfig field")
     p.add_argument("--efficientad-result", default=str(RESULTS / "accuracy_bottle_lite2_nopool_cpu_bf16_1500x8.json"))
     p.add_argument("--efficientad-speed", default=str(RESULTS / "bench_lite_nopool_256px_run1.json"))

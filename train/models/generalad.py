@@ -238,8 +238,9 @@ class GeneralAD(AnomalyModel):
     map_names = ("discriminator",)
     export_policy = ExportPolicy(fp16_parts=("discriminator",), int8_keep_fp32=("/head/", "/backbone/"))
     config_class = GeneralADConfig
-    # 600 steps x 8: where the discriminator's loss had settled on real bottle at 256 px (~9 min on 2 idle CPU
-    # cores; docs/generalad.md). Only the discriminator trains, on cached tokens.
+    # 600 steps x 8: where the discriminator's loss had settled on real bottle at 256 px (393 s for the noise
+    # default, 553 s for all four distortions, on 2 idle CPU cores; docs/generalad.md). Only the discriminator
+    # trains, on cached tokens.
     default_schedule = (600, 8)
 
     def __init__(self, cfg: GeneralADConfig):

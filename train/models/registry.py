@@ -24,13 +24,19 @@ def register_family(cls: type) -> type:
     return cls
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _REGISTRY[fn.__name__] = fn
+def _built_class(fn: Callable[..., nn.Module]) -> type | None:
+    """The class a builder's return annotation names, or None."""
     ret = inspect.signature(fn).return_annotation
     if isinstance(ret, str):  # postponed annotations: resolve in the builder's module
         ret = fn.__globals__.get(ret)
-    if isinstance(ret, type) and getattr(ret, "family", ""):
-        register_family(ret)
+    return ret if isinstance(ret, type) else None
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _REGISTRY[fn.__name__] = fn
+    cls = _built_class(fn)
+    if cls is not None and getattr(cls, "family", ""):
+        register_family(cls)
     return fn
 
 
@@ -56,10 +62,7 @@ def default_schedule(name: str) -> tuple[int, int] | None:
     """(steps, batch size) the model's family trains with when none is asked, or None (the training loop's own)."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    ret = inspect.signature(_REGISTRY[name]).return_annotation
-    if isinstance(ret, str):
-        ret = _REGISTRY[name].__globals__.get(ret)
-    return getattr(ret, "default_schedule", None) if isinstance(ret, type) else None
+    return getattr(_built_class(_REGISTRY[name]), "default_schedule", None)
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

@@ -57,23 +57,10 @@ def cpu_speed(onnx_path: Path, iters: int) -> dict:
 def painted_validation(model, cfg, per_image: int = 3) -> dict:
     """Metrics on the validation split's good images plus defects painted on them (structural proxies),
     per score: what a default may be chosen on, never the test split."""
-    import numpy as np
+    from train.loop import load_training_images
+    from train.painted_validation import painted_validation as score
 
-    from calibration.metrics import evaluate
-    from calibration.synthetic_defects import paint_defects
-    from train.loop import load_training_images, run_outputs
-
-    val = load_training_images(cfg).val
-    defects, masks, _ = paint_defects(val, per_image, cfg.seed)
-    labels = np.r_[np.zeros(len(val)), np.ones(len(defects))].astype(np.int64)
-    gt = np.concatenate([np.zeros(val.shape[:3], np.uint8), masks])
-    keys = [k for k in ("map_score", "image_score") if k in model.output_names()]
-    out = run_outputs(model, np.concatenate([val, defects]), "cpu", keys=tuple(keys) + ("anomaly_map",))
-    rows = {}
-    for k in keys:
-        sc = evaluate(labels, out[k], gt, out["anomaly_map"][:, 0])
-        rows[k] = {"image_auroc": sc.image_auroc, "pixel_auroc": sc.pixel_auroc, "aupro": sc.aupro}
-    return {"n_good": int(len(val)), "n_painted": int(len(defects)), **rows}
+    return score(model, load_training_images(cfg).val, per_image, cfg.seed)
 
 
 def run_one(spec: str, data: str, work: Path, args) -> dict:

@@ -25,19 +25,12 @@ log = logging.getLogger("benchmarks.generalad")
 
 
 def painted_validation(model, val_frames: np.ndarray, seed: int = 0) -> dict:
-    """Image/pixel AUROC of the deployed outputs on validation good frames vs the same frames with painted defects."""
-    from calibration.synthetic_defects import paint_defects
-    from train.loop import run_outputs
-    from calibration.metrics import auroc
+    """Image/pixel AUROC of the deployed image score on validation good frames plus 2 painted defects each."""
+    from train.painted_validation import painted_validation as score
 
-    bad, masks, _ = paint_defects(val_frames, per_image=2, seed=seed)
-    good = run_outputs(model, val_frames, "cpu", keys=("image_score", "anomaly_map"))
-    ng = run_outputs(model, bad, "cpu", keys=("image_score", "anomaly_map"))
-    img = auroc(np.r_[np.zeros(len(val_frames)), np.ones(len(bad))], np.r_[good["image_score"], ng["image_score"]])
-    maps = np.concatenate([good["anomaly_map"][:, 0], ng["anomaly_map"][:, 0]])
-    gt = np.concatenate([np.zeros((len(val_frames),) + maps.shape[1:], np.uint8), masks])
-    pix = auroc(gt.ravel()[::7], maps.ravel()[::7])
-    return {"image_auroc": float(img), "pixel_auroc": float(pix), "n_good": int(len(val_frames)), "n_painted": int(len(bad))}
+    r = score(model, val_frames, per_image=2, seed=seed)
+    return {"image_auroc": r["image_score"]["image_auroc"], "pixel_auroc": r["image_score"]["pixel_auroc"],
+            "aupro": r["image_score"]["aupro"], "n_good": r["n_good"], "n_painted": r["n_painted"]}
 
 
 def ort_ms_per_frame(onnx_path: Path, frame: np.ndarray, iters: int = 30) -> dict:

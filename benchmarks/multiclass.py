@@ -10,6 +10,12 @@ AUROC, pixel AUROC, AUPRO (FPR <= 0.3), F1-max; model file size (one artifact vs
 CPU ms per frame through ONNX Runtime at batch 1. ``--ablation`` adds UniAD runs with each
 anti-shortcut mechanism switched off (neighbour mask, learned queries, feature jitter).
 Result JSON in benchmarks/results/ with machine, command and date.
+
+The two sides can run as separate processes (``--skip-efficientad`` / ``--skip-uniad``, e.g. at
+different times on a 2-core machine) and be joined afterwards; the join refuses files whose classes,
+input size or per-class budget differ::
+
+    python -m benchmarks.multiclass --merge results/uni.json results/eff.json --name multiclass_joined.json
 """
 from __future__ import annotations
 
@@ -80,9 +86,40 @@ def _speed(ckpt: Path, repeats: int) -> dict:
             "provider": m.provider}
 
 
+SAME_SETTINGS = ("classes", "image_size", "steps_per_class", "batch_size", "seed")
+
+
+def merge_results(uniad: dict, efficientad: dict) -> dict:
+    """Join a UniAD-only and an EfficientAD-only result of this benchmark into one comparison.
+
+    Raises ValueError when the two runs are not the same experiment (classes, input size, budget, seed).
+    The mean difference is over the classes both sides finished (listed in ``compared_classes``)."""
+    if "uniad" not in uniad or "efficientad_per_class" not in efficientad:
+        raise ValueError("--merge takes a UniAD result first and an EfficientAD result second")
+    diff = [k for k in SAME_SETTINGS if uniad.get(k) != efficientad.get(k)]
+    if diff:
+        raise ValueError(f"the two results differ in {', '.join(diff)}: they are not the same experiment")
+    u, e = uniad["uniad"]["per_class"], efficientad["efficientad_per_class"]["per_class"]
+    common = [c for c in uniad["classes"] if c in u and c in e]
+    if not common:
+        raise ValueError("no class was finished by both runs")
+    out = {k: uniad[k] for k in SAME_SETTINGS}
+    out.update({"data": uniad.get("data"), "uniad_kwargs": uniad.get("uniad_kwargs"), "uniad": uniad["uniad"],
+                "efficientad_per_class": efficientad["efficientad_per_class"],
+                "sources": {"uniad": {k: uniad.get(k) for k in ("command", "date", "machine", "threads")},
+                            "efficientad": {k: efficientad.get(k) for k in ("command", "date", "machine", "threads")}},
+                "compared_classes": common})
+    mu, me = _mean({c: u[c] for c in common}), _mean({c: e[c] for c in common})
+    out["uniad_minus_efficientad_per_class"] = {c: {k: u[c][k] - e[c][k] for k in METRICS} for c in common}
+    out["uniad_minus_efficientad_mean"] = {k: mu[k] - me[k] for k in METRICS}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, nargs="+", metavar="DIR", help="class folders (MVTec layout)")
+    p.add_argument("--data", nargs="+", metavar="DIR", help="class folders (MVTec layout)")
+    p.add_argument("--merge", nargs=2, metavar=("UNIAD_JSON", "EFFICIENTAD_JSON"),
+                   help="join two earlier runs of this benchmark (UniAD-only, EfficientAD-only) into --name")
     p.add_argument("--image-size", default="192")
     p.add_argument("--steps-per-class", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=4)
@@ -97,6 +134,17 @@ def main() -> None:
     p.add_argument("--name", default="multiclass.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.merge:
+        import json
+
+        try:
+            merged = merge_results(*(json.loads(Path(f).read_text()) for f in args.merge))
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        print(write_result(args.name, merged))
+        return
+    if not args.data:
+        p.error("--data is required (or --merge)")
     from train.cli import parse_model_args
 
     uni_kw = parse_model_args(args.uniad_arg)

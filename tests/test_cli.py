@@ -63,6 +63,9 @@ def test_train_cli_takes_each_familys_schedule_unless_told():
     assert training_schedule("crossclass_lite", None, None)[0] == 300
     assert training_schedule("generalad_lite", 50, None) == (50, 8)
     assert training_schedule("efficientad_lite", 10, 4) == (10, 4)
+    assert training_schedule("uniad", None, None, n_classes=7) == (7000, 8)  # UniAD's steps are per class
+    assert training_schedule("uniad", 50, None, n_classes=7) == (50, 8)
+    assert training_schedule("generalad_lite", None, None, n_classes=7) == (600, 8)
 
 
 def test_export_cli_reports_missing_checkpoint(tmp_path):

@@ -68,3 +68,27 @@ def test_map_blur_flag_values():
     for bad in ("-1", "nan", "soft"):
         with pytest.raises(ValueError, match="--map-blur"):
             parse_map_blur(bad)
+
+
+def test_painted_validation_is_one_labelled_set_scored_per_output(trained, synthetic_root):
+    """The one helper every chooser and benchmark ranks on: good frames labelled 0 with empty masks,
+    painted frames labelled 1 with their masks; metrics per image score the model emits."""
+    from .conftest import IMAGE_SIZE
+    from runtime.dataset import open_dataset
+    from train.data import load_frames, split_train_validation
+    from train.loop import load_checkpoint
+    from train.painted_validation import painted_set, painted_validation
+
+    frames = _frames(3)
+    both, labels, gt = painted_set(frames, per_image=2, seed=1)
+    assert len(both) == len(labels) == len(gt) == 9 and labels.tolist() == [0] * 3 + [1] * 6
+    assert not gt[:3].any() and all(m.any() for m in gt[3:])
+    assert np.array_equal(both[:3], frames)
+    with pytest.raises(ValueError, match="at least 2 validation images"):
+        painted_set(frames[:1])
+    model, _ = load_checkpoint(trained)
+    _, val_paths = split_train_validation(open_dataset(synthetic_root, require_test=False), 0)
+    r = painted_validation(model, load_frames(val_paths, IMAGE_SIZE), per_image=2)
+    assert r["n_painted"] == 2 * r["n_good"] and {"map_score", "image_score"} <= set(r)
+    for k in ("map_score", "image_score"):
+        assert all(0.0 <= r[k][m] <= 1.0 for m in ("image_auroc", "pixel_auroc", "aupro"))

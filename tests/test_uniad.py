@@ -107,3 +107,19 @@ def test_multiclass_training_records_classes(tmp_path):
     assert bool(model.calibrated) and float(model.feature_std.min()) > 0
     frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8).numpy()
     assert run_outputs(model, frames, "cpu", keys=("image_score",))["image_score"].shape == (2,)
+
+
+def test_multiclass_benchmark_merges_only_the_same_experiment():
+    from benchmarks.multiclass import merge_results
+
+    base = {"classes": ["a", "b"], "image_size": "256", "steps_per_class": 10, "batch_size": 8, "seed": 0}
+    row = lambda x: {"image_auroc": x, "pixel_auroc": x, "aupro": x, "f1_max": x}  # noqa: E731
+    uni = {**base, "uniad": {"per_class": {"a": row(0.9), "b": row(0.7)}}}
+    eff = {**base, "efficientad_per_class": {"per_class": {"a": row(0.8)}}}  # b not finished
+    m = merge_results(uni, eff)
+    assert m["compared_classes"] == ["a"]
+    assert m["uniad_minus_efficientad_mean"]["image_auroc"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="steps_per_class"):
+        merge_results(uni, {**eff, "steps_per_class": 20})
+    with pytest.raises(ValueError, match="UniAD result first"):
+        merge_results(eff, uni)

@@ -126,13 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def training_schedule(model: str, steps: int | None, batch_size: int | None) -> tuple[int, int]:
+def training_schedule(model: str, steps: int | None, batch_size: int | None, n_classes: int = 1) -> tuple[int, int]:
     """--steps / --batch-size, each falling back to the model family's own schedule (GeneralAD trains 600 x 8,
-    cross-class 300 episodes), else the EfficientAD paper's 70,000 steps at batch 1."""
+    cross-class 300 episodes, UniAD 1000 x 8 per class), else the EfficientAD paper's 70,000 steps at batch 1."""
     from .loop import PAPER_STEPS
     from .models.registry import default_schedule
 
-    d_steps, d_batch = default_schedule(model) or (PAPER_STEPS, 1)
+    d_steps, d_batch = default_schedule(model, n_classes) or (PAPER_STEPS, 1)
     return (d_steps if steps is None else steps), (d_batch if batch_size is None else batch_size)
 
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("training on %d class folders: %s", len(folders), ", ".join(Path(f).name for f in folders))
     data = folders[0] if len(folders) == 1 else folders
     model = args.model or SIZES[args.size]
-    steps, batch = training_schedule(model, args.steps, args.batch_size)
+    steps, batch = training_schedule(model, args.steps, args.batch_size, len(folders))
     cfg = TrainConfig(data=data, out=args.out, model=model, image_size=args.image_size,
                       fit=args.fit, steps=steps, batch_size=batch, device=args.device, seed=args.seed, puad_weight=args.puad_weight,
                       puad_gate=args.puad_gate, target_fpr=args.target_fpr, amp=args.amp, model_kwargs=kw,

@@ -17,15 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibration.metrics import evaluate
-from calibration.synthetic_defects import paint_defects
 
 from .loop import fit_map_normalization, raw_outputs, rescore
 from .models.base import AnomalyModel
+from .painted_validation import DEFECTS_PER_IMAGE, painted_set
 
 log = logging.getLogger(__name__)
 
 SMOOTHING_CANDIDATES = (0.0, 2.0, 4.0, 6.0, 8.0, 12.0)  # sigma in px at the 256 px scale
-DEFECTS_PER_IMAGE = 3
 
 
 @dataclass
@@ -50,10 +49,8 @@ def choose_map_smoothing(model: AnomalyModel, val_frames: np.ndarray, device: st
         raise ValueError(f"choosing the map smoothing needs at least 2 validation images, got {len(val_frames)}")
     if not candidates:
         raise ValueError("no smoothing candidates given")
-    defects, masks, _ = paint_defects(val_frames, per_image, seed)
-    frames = np.concatenate([val_frames, defects])
-    labels = np.r_[np.zeros(len(val_frames)), np.ones(len(defects))].astype(np.int64)
-    gt = np.concatenate([np.zeros(val_frames.shape[:3], np.uint8), masks])
+    frames, labels, gt = painted_set(val_frames, per_image, seed)
+    n_defect = len(frames) - len(val_frames)
     raw = raw_outputs(model, frames, device)  # the networks run once; each candidate only re-scores
     n = len(val_frames)
     fit_map_normalization(model, {k: v[:n] for k, v in raw.items()})
@@ -70,5 +67,5 @@ def choose_map_smoothing(model: AnomalyModel, val_frames: np.ndarray, device: st
     best = max(range(len(rows)), key=lambda i: (rows[i]["objective"], -i))
     model.set_map_smoothing(rows[best]["sigma_px_at_256"])
     log.info("map smoothing chosen on %d good + %d painted validation images: %.1f px",
-             len(val_frames), len(defects), rows[best]["sigma_px_at_256"])
-    return SmoothingChoice(rows[best]["sigma_px_at_256"], rows, len(val_frames), len(defects), seed)
+             len(val_frames), n_defect, rows[best]["sigma_px_at_256"])
+    return SmoothingChoice(rows[best]["sigma_px_at_256"], rows, len(val_frames), n_defect, seed)

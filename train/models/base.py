@@ -129,6 +129,9 @@ class AnomalyModel(nn.Module):
     # the training schedule `python -m train` uses when --steps / --batch-size are not given: (steps, batch);
     # None = the EfficientAD paper's (70,000 steps at batch 1). Families whose training differs set their own.
     default_schedule: tuple[int, int] | None = None
+    # True: default_schedule's steps are per trained class (a unified model sees every class as often as a
+    # per-class model would: UniAD on 7 classes trains 7 x the steps)
+    schedule_steps_per_class: bool = False
     # class name of each fit frame, set by the training loop before ``fit`` (families that train per class read it)
     train_classes: list[str] | None = None
     # set by ``fit`` of families whose scoring holds the training images themselves (a memory): raw outputs of

@@ -58,11 +58,16 @@ def default_image_size(name: str) -> int:
     return int(default) if isinstance(default, int) else 256
 
 
-def default_schedule(name: str) -> tuple[int, int] | None:
-    """(steps, batch size) the model's family trains with when none is asked, or None (the training loop's own)."""
+def default_schedule(name: str, n_classes: int = 1) -> tuple[int, int] | None:
+    """(steps, batch size) the model's family trains with on ``n_classes`` classes when none is asked, or None
+    (the training loop's own). Families whose steps are per class (``schedule_steps_per_class``) scale them."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return getattr(_built_class(_REGISTRY[name]), "default_schedule", None)
+    cls = _built_class(_REGISTRY[name])
+    schedule = getattr(cls, "default_schedule", None)
+    if schedule is None or not getattr(cls, "schedule_steps_per_class", False):
+        return schedule
+    return schedule[0] * max(1, n_classes), schedule[1]
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

@@ -16,6 +16,9 @@ different times on a 2-core machine) and be joined afterwards; the join refuses 
 input size or per-class budget differ::
 
     python -m benchmarks.multiclass --merge results/uni.json results/eff.json --name multiclass_joined.json
+
+``--resume`` continues an interrupted run of the same experiment from its result file (--name): the
+classes the per-class EfficientAD side already finished, and a finished UniAD, are kept, not retrained.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import RESULTS, write_result
 
 log = logging.getLogger("benchmarks.multiclass")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
@@ -115,6 +118,17 @@ def merge_results(uniad: dict, efficientad: dict) -> dict:
     return out
 
 
+def resumable_state(previous: dict, settings: dict) -> dict:
+    """What an interrupted run with the same settings already finished: ``{"uniad": ..., "efficientad_per_class": ...}``.
+
+    Raises ValueError when ``previous`` is another experiment (classes, input size, budget, seed, UniAD options)."""
+    keys = SAME_SETTINGS + ("uniad_kwargs",)
+    diff = [k for k in keys if previous.get(k) != settings.get(k)]
+    if diff:
+        raise ValueError(f"cannot resume: the earlier result differs in {', '.join(diff)}; use another --name")
+    return {k: previous[k] for k in ("uniad", "efficientad_per_class") if k in previous}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", metavar="DIR", help="class folders (MVTec layout)")
@@ -132,6 +146,8 @@ def main() -> None:
     p.add_argument("--speed-repeats", type=int, default=30)
     p.add_argument("--work", default="runs/multiclass")
     p.add_argument("--name", default="multiclass.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep what an interrupted run of the same experiment (the --name file) already finished")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.merge:
@@ -155,20 +171,37 @@ def main() -> None:
                     "steps_per_class": args.steps_per_class, "batch_size": args.batch_size, "seed": args.seed,
                     "uniad_kwargs": uni_kw, "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "EDGEAD_THREADS")}}
     name = args.name
+    done: dict = {}
+    if args.resume and (RESULTS / name).exists():
+        import json
+
+        previous = json.loads((RESULTS / name).read_text())
+        try:
+            done = resumable_state(previous, result)
+        except ValueError as e:
+            p.error(str(e))
+        result.update(done)
+        result["resumed_from"] = {k: previous.get(k) for k in ("command", "date")}
+        log.info("resuming %s: keeping %s", name, sorted(done))
 
     def save() -> None:
         write_result(name, result)
 
     runs = ([] if args.skip_uniad else [("uniad", {})]) + (list(ABLATIONS.items()) if args.ablation else [])
     for label, off in runs:
+        if label in done:
+            continue
         ckpt, secs = _train(classes, work / label, "uniad", args.steps_per_class * n, args, {**uni_kw, **off})
         per = _evaluate(ckpt, classes)
         result[label] = {"switched_off": sorted(off), "steps": args.steps_per_class * n, "train_seconds": secs,
                          "per_class": per, "mean": _mean(per), "speed": _speed(ckpt, args.speed_repeats) if label == "uniad" else None}
         save()
     if not args.skip_efficientad:
-        per, secs, speed = {}, 0.0, None
+        kept = done.get("efficientad_per_class", {})
+        per, secs, speed = dict(kept.get("per_class", {})), float(kept.get("train_seconds", 0.0)), kept.get("speed")
         for d in classes:
+            if Path(d).name in per:
+                continue
             ckpt, s = _train(d, work / f"efficientad_{Path(d).name}", "efficientad_lite", args.steps_per_class, args, {})
             secs += s
             per.update(_evaluate(ckpt, [d]))

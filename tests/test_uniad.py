@@ -123,3 +123,17 @@ def test_multiclass_benchmark_merges_only_the_same_experiment():
         merge_results(uni, {**eff, "steps_per_class": 20})
     with pytest.raises(ValueError, match="UniAD result first"):
         merge_results(eff, uni)
+
+
+def test_multiclass_benchmark_resumes_only_the_same_experiment():
+    from benchmarks.multiclass import resumable_state
+
+    settings = {"classes": ["a", "b"], "image_size": "256", "steps_per_class": 10, "batch_size": 8, "seed": 0,
+                "uniad_kwargs": {}}
+    eff = {"per_class": {"a": {"image_auroc": 0.8}}, "train_seconds": 5.0}
+    previous = {**settings, "command": "x", "efficientad_per_class": eff}
+    assert resumable_state(previous, settings) == {"efficientad_per_class": eff}
+    with pytest.raises(ValueError, match="image_size"):
+        resumable_state({**previous, "image_size": "192"}, settings)
+    with pytest.raises(ValueError, match="uniad_kwargs"):
+        resumable_state({**previous, "uniad_kwargs": {"hidden": 256}}, settings)

@@ -10,6 +10,12 @@ Topics (PREFIX = --topic):
                       broker publishes "offline" itself (last will) if this process dies
     PREFIX/summary    the end-of-run counters
 
+With ``--mqtt-accept-class`` it also listens (product changeover, ``runtime.changeover``):
+    PREFIX/cmd/class  payload: a product class name (or JSON {"class": NAME}; empty or null = the global
+                      threshold) of a multi-class model: decides from the next captured frame. Published
+                      back on PREFIX/event: class_changed when it takes effect, class_change_refused (with
+                      the reason) when the class has no threshold.
+
 The scoring thread only appends to a bounded queue (oldest dropped and counted when full). A
 publisher thread hands messages to paho-mqtt while connected; paho's network thread reconnects
 with exponential back-off (1 s .. 30 s) when the broker goes away.
@@ -39,7 +45,7 @@ class MqttPublisher:
     def __init__(self, host: str, port: int, prefix: str = "edgead", qos: int = 1, retain_status: bool = True,
                  queue_size: int = 1000, client_id: str = "", username: str | None = None,
                  password: str | None = None, info: dict[str, Any] | None = None,
-                 reconnect_min_s: float = 1.0, reconnect_max_s: float = 30.0):
+                 reconnect_min_s: float = 1.0, reconnect_max_s: float = 30.0, accept_class: bool = False):
         if qos not in (0, 1, 2):
             raise ValueError(f"--mqtt-qos {qos}: choose 0, 1 or 2")
         prefix = prefix.strip("/")
@@ -57,6 +63,8 @@ class MqttPublisher:
         self.counters = {"enqueued": 0, "published": 0, "delivered": 0, "dropped_queue_full": 0,
                          "dropped_publish_error": 0, "dropped_at_close": 0, "connects": 0, "disconnects": 0}
         self._lock = threading.Lock()  # counters touched from paho's thread too
+        self.accept_class = accept_class
+        self._classes = None  # runtime.changeover.ClassSwitch, attached by the stream
 
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"edgead-{os.getpid()}",
                                   clean_session=True)
@@ -70,6 +78,7 @@ class MqttPublisher:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_message = self._on_message
         self._last_fail_log = 0.0
         try:
             self.client.connect_async(host, port, keepalive=10)
@@ -94,6 +103,8 @@ class MqttPublisher:
         log.info("MQTT: connected to %s:%d%s", self.host, self.port, " (reconnected)" if n > 1 else "")
         client.publish(self.topic("status"), json.dumps({"state": "online", "timestamp": round(time.time(), 6),
                                                          **self.info}), qos=1, retain=self.retain_status)
+        if self.accept_class:  # clean session: subscribe again on every (re)connect
+            client.subscribe(self.topic("cmd/class"), qos=1)
         self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
@@ -112,6 +123,24 @@ class MqttPublisher:
             self._last_fail_log = now
             log.warning("MQTT: cannot reach the broker %s:%d; retrying with back-off (check --mqtt, that the broker "
                         "runs and the network/firewall); scoring goes on", self.host, self.port)
+
+    def _on_message(self, client, userdata, message) -> None:
+        """PREFIX/cmd/class: a product changeover request (paho's thread; the switch is thread-safe)."""
+        name = None
+        try:
+            name = parse_class_command(message.payload)
+            if self._classes is None:
+                raise ValueError("this stream takes no class changes")
+            thr = self._classes.request(name, requested_by="mqtt")
+            log.info("MQTT: class %s requested (threshold %.4g)", name or "(global)", thr)
+        except ValueError as e:
+            log.warning("MQTT: class change refused: %s", e)
+            self._put("event", {"event": "class_change_refused", "timestamp": round(time.time(), 6),
+                                "class": name, "error": str(e)})
+
+    def attach_classes(self, switch) -> None:
+        """The stream's product-class switch (used only with accept_class)."""
+        self._classes = switch
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         with self._lock:
@@ -190,6 +219,21 @@ class MqttPublisher:
         c["dropped"] = c["dropped_queue_full"] + c["dropped_publish_error"] + c["dropped_at_close"]
         c.update({"broker": f"{self.host}:{self.port}", "topic_prefix": self.prefix, "qos": self.qos})
         return c
+
+
+def parse_class_command(payload: bytes) -> str | None:
+    """A PREFIX/cmd/class payload -> the class name (None: the global threshold). Plain text or JSON
+    {"class": NAME}; ValueError (one line) otherwise."""
+    text = bytes(payload).decode("utf-8", "replace").strip()
+    if not text.startswith("{"):
+        return text or None
+    try:
+        name = json.loads(text)["class"]
+    except (ValueError, KeyError, TypeError):
+        name = 0
+    if not (name is None or isinstance(name, str)):
+        raise ValueError('send a class name, or JSON {"class": "NAME"} (null for the global threshold)')
+    return name or None
 
 
 def _jsonable(x: Any) -> Any:

@@ -127,7 +127,8 @@ def add_observer_args(p: argparse.ArgumentParser) -> None:
                           "machine; give 0.0.0.0:PORT to let other screens on the network watch)")
     web.add_argument("--serve-fps", type=float, default=10.0, metavar="FPS", help="most frames per second sent to each browser (default 10)")
     web.add_argument("--serve-gallery", type=int, default=12, metavar="N", help="how many recent NG frames the page keeps (default 12)")
-    web.add_argument("--serve-token", metavar="TOKEN", help="token that unlocks the page's controls (reset counters); without it "
+    web.add_argument("--serve-token", metavar="TOKEN", help="token that unlocks the page's controls (reset counters, product "
+                                           "changeover of a multi-class model); without it "
                                            "the page is read-only")
     mq = p.add_argument_group("MQTT to the line (needs: pip install 'edgead[mqtt]')")
     mq.add_argument("--mqtt", metavar="HOST:PORT", help="publish every decision and stream event to this broker")
@@ -139,6 +140,9 @@ def add_observer_args(p: argparse.ArgumentParser) -> None:
     mq.add_argument("--mqtt-queue", type=int, default=1000, metavar="N",
                     help="messages held while the broker is away; older ones are dropped and counted (default 1000)")
     mq.add_argument("--mqtt-client-id", default="", metavar="ID", help="MQTT client id (default: edgead-<pid>)")
+    mq.add_argument("--mqtt-accept-class", action="store_true",
+                    help="product changeover: take the deciding class of a multi-class model from PREFIX/cmd/class "
+                         "(payload: the class name); without it the stream ignores commands")
     mq.add_argument("--mqtt-user", metavar="NAME", help="broker user name (password from the environment variable MQTT_PASSWORD)")
 
 
@@ -190,7 +194,8 @@ def build_observers(args: argparse.Namespace, model: Any, source: Any) -> list[O
             observers.append(MqttPublisher(host, port, args.topic, qos=args.mqtt_qos,
                                            retain_status=not args.mqtt_no_retain_status, queue_size=args.mqtt_queue,
                                            client_id=args.mqtt_client_id, username=args.mqtt_user,
-                                           password=os.environ.get("MQTT_PASSWORD"), info=info))
+                                           password=os.environ.get("MQTT_PASSWORD"), info=info,
+                                           accept_class=args.mqtt_accept_class))
         except ValueError:
             for o in observers:
                 o.close()

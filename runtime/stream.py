@@ -29,6 +29,7 @@ import numpy as np
 
 from .artifact import ArtifactError, atomic_write_text
 from .backends.base import ServerUnavailable
+from .changeover import ClassSetting, ClassSwitch
 from .observers import ObserverSet, add_observer_args, build_observers
 from .preprocess import as_bgr
 from .savers import JsonlWriter, NgSaver
@@ -66,6 +67,7 @@ class Summary:
     frames_skipped: int = 0  # unreadable frames skipped with a warning
     source_outages: int = 0  # times a live source was lost (and reconnected, or still lost at the end)
     source_outage_seconds: float = 0.0
+    class_changes: list[dict] = field(default_factory=list)  # product changeovers: {frame_id, class, threshold, by}
     observers: dict = field(default_factory=dict)  # counters of the web view / MQTT publisher, by name
 
 
@@ -171,6 +173,13 @@ class Stream:
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
         self.observers = ObserverSet(observers)  # runtime.observers: web view, MQTT; never slow the loop
+        # product changeover (runtime.changeover): the web view / MQTT may switch the deciding class mid-stream
+        self.classes = ClassSwitch.for_model(model)
+        self._setting = self.classes.at(0)
+        for obs in self.observers.observers:
+            attach = getattr(obs, "attach_classes", None)
+            if attach is not None:
+                attach(self.classes)
         if remote:  # the scores always; the anomaly map only for overlays (window, NG images, web view, MQTT)
             self._outputs = ["image_score", *getattr(model, "components", [])]
             if show or save_ng or observers:
@@ -232,6 +241,7 @@ class Stream:
                     self.frames_skipped += 1
                     log.warning("skipped frame %d: %s (%d skipped so far)", fid, e, self.frames_skipped)
                     continue
+                self.classes.stamp(fid)  # a changeover asked for by now decides this frame on
                 if not self.buffer.put((fid, time.time(), time.perf_counter(), frame)):
                     break
                 fid += 1
@@ -406,7 +416,13 @@ class Stream:
         pred = self.model.to_prediction(out)
         per_frame_model = (job.t_done - job.t_sent) / len(items)  # request sent -> answer (in flight: overlaps)
         for i, (fid, ts, t_cap, frame) in enumerate(items):
-            score, ng = float(pred.image_score[i]), bool(pred.is_ng[i])
+            setting = self.classes.at(fid)
+            if setting is not self._setting:
+                self._class_changed(setting, fid, summary)
+            score = float(pred.image_score[i])
+            # after a changeover: the threshold of the class this frame was captured under (the model's own
+            # decision, score >= model.threshold, until then)
+            ng = bool(pred.is_ng[i]) if setting.requested_by == "start" else score >= setting.threshold
             done = time.perf_counter()
             latency_ms = (done - t_cap) * 1e3
             stats.add(latency_ms, per_frame_model * 1e3)
@@ -415,6 +431,8 @@ class Stream:
                    "scores": {k: round(float(v[i]), 6) for k, v in pred.scores.items()},
                    "decision": "NG" if ng else "OK", "latency_ms": round(latency_ms, 3),
                    "model_ms": round(per_frame_model * 1e3, 3)}
+            if setting.name is not None:  # a multi-class model deciding by a product class's threshold
+                rec["class"], rec["threshold"] = setting.name, round(setting.threshold, 6)
             view = overlay(frame, pred.anomaly_map[i], score, ng) if self.show or (
                 ng and self.save_ng is not None) else None  # drawn once, saved and/or shown
             if ng and self.save_ng is not None:
@@ -431,6 +449,19 @@ class Stream:
                     summary.stopped_by = "user (q)"
                     self.stop()
         summary.frames_scored += len(items)
+
+    def _class_changed(self, setting: ClassSetting, fid: int, summary: Summary) -> None:
+        """A product changeover reached the scoring loop: say so in the JSONL, to observers and in the summary."""
+        prev, self._setting = self._setting, setting
+        change = {"frame_id": fid, "class": setting.name, "threshold": round(setting.threshold, 6),
+                  "previous_class": prev.name, "by": setting.requested_by}
+        log.info("changeover from frame %d: class %s (threshold %.4g), was %s", fid, setting.name or "(global)",
+                 setting.threshold, prev.name or "(global)")
+        if len(summary.class_changes) < 100:
+            summary.class_changes.append(change)
+        if self.sink is not None:
+            self.sink.write(json.dumps({"event": "class_changed", "timestamp": round(time.time(), 6), **change}) + "\n")
+        self.observers.event("class_changed", **change)
 
     def _fill_field_counts(self, summary: Summary) -> None:
         """What went wrong in the field and was survived: unsaved writes, skipped frames, source outages."""

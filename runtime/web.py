@@ -91,6 +91,7 @@ class WebView:
         self.stats = {"frames_seen": 0, "frames_encoded": 0, "ng_thumbnails": 0, "ng_not_kept": 0, "requests": 0}
         self._encoder = threading.Thread(target=self._encode_loop, name="web-encode", daemon=True)
         self._encoder.start()
+        self._classes = None  # runtime.changeover.ClassSwitch, attached by the stream
         self.server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         if start:
@@ -123,6 +124,10 @@ class WebView:
     def on_event(self, record: dict) -> None:
         with self._lock:
             self.events.append(record)
+
+    def attach_classes(self, switch) -> None:
+        """The stream's product-class switch: the page shows the deciding class and, unlocked, changes it."""
+        self._classes = switch
 
     def close(self) -> dict:
         self._closing.set()
@@ -198,6 +203,8 @@ class WebView:
                    "latest": self.current, "gallery": gallery,
                    "events": list(self.events)[-5:], "controls": self.token is not None,
                    "frame_seq": self._jpeg[0] if self._jpeg else 0}
+        if self._classes is not None:
+            out["class"], out["classes"] = self._classes.current, self._classes.classes
         fps = lat = None
         if len(times) >= 2 and times[-1][0] > times[0][0]:
             fps = round((len(times) - 1) / (times[-1][0] - times[0][0]), 2)
@@ -266,22 +273,50 @@ class WebView:
                 return Response("not in the gallery (only the most recent NG frames are kept)", status_code=404)
             return Response(item[1], media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-        async def reset(request: Request) -> Response:
+        def refused(request: Request) -> Response | None:
+            """The answer to a control request that is not allowed (None: allowed)."""
             if self.token is None:
                 return JSONResponse({"error": "read-only: start the stream with --serve-token to enable controls"},
                                     status_code=403)
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return JSONResponse({"error": "wrong or missing token"}, status_code=401)
+            return None
+
+        async def reset(request: Request) -> Response:
+            if (no := refused(request)) is not None:
+                return no
             with self._lock:
                 self._reset_counters()
             log.info("web: counters reset from %s", request.client.host if request.client else "?")
             return JSONResponse({"ok": True})
 
+        async def product_class(request: Request) -> Response:
+            """Product changeover: {"class": NAME} (null or "" = the global threshold), from the next frame."""
+            if (no := refused(request)) is not None:
+                return no
+            if self._classes is None:
+                return JSONResponse({"error": "this stream takes no class changes"}, status_code=409)
+            try:
+                body = await request.json()
+                name = body.get("class") if isinstance(body, dict) else None
+                if not (isinstance(body, dict) and "class" in body and (name is None or isinstance(name, str))):
+                    raise ValueError
+            except ValueError:
+                return JSONResponse({"error": 'send JSON {"class": "NAME"} (null for the global threshold)'},
+                                    status_code=400)
+            try:
+                thr = self._classes.request(name, requested_by="web")
+            except ValueError as e:
+                return JSONResponse({"error": str(e)}, status_code=400)
+            log.info("web: class %s requested from %s", name or "(global)", request.client.host if request.client else "?")
+            return JSONResponse({"ok": True, "class": name or None, "threshold": thr,
+                                 "takes_effect": "from the next captured frame"})
+
         return Starlette(routes=[
             Route("/", index), Route("/api/status", status), Route("/frame.jpg", frame),
             Route("/stream.mjpg", mjpeg), Route("/gallery/{fid:int}.jpg", gallery),
-            Route("/api/reset", reset, methods=["POST"]),
+            Route("/api/reset", reset, methods=["POST"]), Route("/api/class", product_class, methods=["POST"]),
         ])
 
     def start(self) -> None:

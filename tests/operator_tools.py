@@ -103,7 +103,11 @@ class Subscriber:
         self.connected += 1
 
     def _on_message(self, client, userdata, msg):
-        self.messages.append((msg.topic, json.loads(msg.payload), time.time(), bool(msg.retain)))
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:  # a plain-text command (PREFIX/cmd/...) seen on the way to the stream
+            payload = msg.payload.decode("utf-8", "replace")
+        self.messages.append((msg.topic, payload, time.time(), bool(msg.retain)))
 
     def of(self, leaf: str) -> list[dict]:
         return [m[1] for m in list(self.messages) if m[0] == f"{self.prefix}/{leaf}"]

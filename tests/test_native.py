@@ -129,6 +129,31 @@ def test_scores_maps_and_decisions_match_python(native, model_copy, synthetic_ro
     np.testing.assert_allclose(c_maps, pred.anomaly_map, rtol=0, atol=1e-4)
 
 
+def test_product_class_threshold_decides_as_in_python(native, model_copy, synthetic_root, tmp_path):
+    """--class NAME: a multi-class model's product threshold, the same decisions as runtime.model.Model(class_name=)."""
+    images = tmp_path / "images"
+    _odd_images(images, synthetic_root)
+    files = sorted(images.iterdir())
+    scores = Model(model_copy).predict([read_image(f) for f in files]).image_score
+    sc = read_sidecar(model_copy)
+    sc.thresholds.image = float(scores.max()) + 1.0  # the global threshold: every part OK
+    sc.thresholds.per_class = {"mid": float(np.median(scores)), "strict": -1e9}
+    write_sidecar(model_copy, sc)
+    py = Model(model_copy, class_name="mid").predict([read_image(f) for f in files])
+    assert 0 < sum(py.is_ng) < len(files)
+    jsonl = tmp_path / "c.jsonl"
+    r = _run([native / "edgead_stream", "--images", images, "--model", model_copy, "--jsonl", jsonl, "--class", "mid"])
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [x["decision"] == "NG" for x in recs] == list(py.is_ng)
+    assert {x["class"] for x in recs} == {"mid"} and {x["threshold"] for x in recs} == {round(sc.thresholds.per_class["mid"], 6)}
+    r = _run([native / "edgead_stream", "--images", images, "--model", model_copy, "--jsonl", jsonl])
+    assert r.returncode == 0 and all(json.loads(x)["decision"] == "OK" and "class" not in json.loads(x)
+                                     for x in jsonl.read_text().splitlines())
+    _one_error_line(_run([native / "edgead_stream", "--images", images, "--model", model_copy, "--class", "tray"]),
+                    "no threshold for class 'tray' (calibrated: mid, strict)")
+
+
 def _one_error_line(r: subprocess.CompletedProcess, needle: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()

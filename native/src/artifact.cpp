@@ -99,6 +99,9 @@ Sidecar read_sidecar(const std::string& model_path, bool verify_hash) {
     const auto& th = j.at("thresholds");
     sc.threshold_image = th.at("image").get<double>();
     sc.threshold_pixel = th.value("pixel", 0.1);
+    const auto pc = th.find("per_class");
+    if (pc != th.end())
+      for (const auto& kv : pc->items()) sc.threshold_per_class[kv.key()] = kv.value().get<double>();
   } catch (const nlohmann::json::exception& e) {
     std::string msg = e.what();
     throw Error(sc_path + ": malformed sidecar (" + msg.substr(0, 160) + "); re-export the model");
@@ -118,6 +121,17 @@ Sidecar read_sidecar(const std::string& model_path, bool verify_hash) {
     if (!found) throw Error(sc_path + ": outputs ['" + std::string(k) + "'] missing; re-export the model");
   }
   return sc;
+}
+
+double threshold_for(const Sidecar& sidecar, const std::string& class_name, const std::string& model_path) {
+  if (class_name.empty()) return sidecar.threshold_image;
+  const auto it = sidecar.threshold_per_class.find(class_name);
+  if (it != sidecar.threshold_per_class.end()) return it->second;
+  std::string known;
+  for (const auto& kv : sidecar.threshold_per_class) known += (known.empty() ? "" : ", ") + kv.first;
+  throw Error(model_path + ": no threshold for class '" + class_name + "' (calibrated: " +
+              (known.empty() ? std::string("none yet") : known) + "); run `python -m calibration fit --model " +
+              model_path + " --good DIR --class " + class_name + "`");
 }
 
 }  // namespace edgead

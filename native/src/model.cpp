@@ -14,6 +14,8 @@ namespace edgead {
 
 struct Model::Impl {
   Sidecar sidecar;
+  std::string path, class_name;
+  double threshold = 0.0;  // the deciding one: the sidecar's global threshold, or a class's (use_class)
   std::unique_ptr<detail::Engine> engine;  // run() may be called from several threads at once
 };
 
@@ -63,6 +65,8 @@ std::vector<std::string> available_backends() {
 
 Model::Model(const std::string& path, const Options& options) : impl_(std::make_unique<Impl>()) {
   impl_->sidecar = read_sidecar(path, options.verify_hash);
+  impl_->path = path;
+  impl_->threshold = impl_->sidecar.threshold_image;
   impl_->engine = open_engine(path, impl_->sidecar, options);
   const auto& in = impl_->sidecar.input;
   const int n = in.batch > 0 ? in.batch : 1;
@@ -81,7 +85,13 @@ Model& Model::operator=(Model&&) noexcept = default;
 
 const Sidecar& Model::sidecar() const { return impl_->sidecar; }
 const InputSpec& Model::input() const { return impl_->sidecar.input; }
-double Model::threshold() const { return impl_->sidecar.threshold_image; }
+double Model::threshold() const { return impl_->threshold; }
+const std::string& Model::class_name() const { return impl_->class_name; }
+
+void Model::use_class(const std::string& class_name) {
+  impl_->threshold = threshold_for(impl_->sidecar, class_name, impl_->path);
+  impl_->class_name = class_name;
+}
 std::string Model::provider() const { return impl_->engine->provider(); }
 
 cv::Mat Model::prepare(const cv::Mat& frame) const {
@@ -106,7 +116,7 @@ std::vector<Result> Model::infer(const std::vector<cv::Mat>& prepared) {
   const size_t total = prepared.size();
   const size_t chunk = in.batch > 0 ? static_cast<size_t>(in.batch) : std::max<size_t>(total, 1);
   // as numpy does it (NEP 50): a Python float threshold is compared in the score's float32
-  const float thr = static_cast<float>(impl_->sidecar.threshold_image);
+  const float thr = static_cast<float>(impl_->threshold);
   const auto& extra = impl_->engine->extra_scores();
   std::vector<Result> results;
   results.reserve(total);

@@ -204,6 +204,22 @@ TEST(Sidecar, Refusals) {
   j = sc; j["input"]["resize"] = "cubic"; expect_refused(j, "resize cubic");
   j = sc; j["outputs"].erase("image_score"); expect_refused(j, "image_score");
   j = sc; j.erase("thresholds"); expect_refused(j, "malformed sidecar");
+  // multi-class: each product class's own threshold; an unknown class is refused in one line, saying what to run
+  j = sc; j["thresholds"]["per_class"] = {{"board", 2.5}, {"tray", -1.0}};
+  write(j);
+  const Sidecar multi = read_sidecar(model);
+  EXPECT_EQ(threshold_for(multi, ""), 0.5);
+  EXPECT_EQ(threshold_for(multi, "board"), 2.5);
+  EXPECT_EQ(threshold_for(multi, "tray"), -1.0);
+  try {
+    threshold_for(multi, "bottle", model);
+    ADD_FAILURE() << "unknown class accepted";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("no threshold for class 'bottle' (calibrated: board, tray)"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("--class bottle"), std::string::npos) << msg;
+  }
+  j["thresholds"]["per_class"]["tray"] = "high"; expect_refused(j, "malformed sidecar");
   { std::ofstream(model + ".json") << "{ not json"; }
   try {
     read_sidecar(model);

@@ -52,6 +52,7 @@ const char* kUsage =
     "  --images DIR      folder of images (sorted by name)\n"
     "  --model MODEL     model.onnx / model.engine (sidecar MODEL.json next to it)\n"
     "  --backend B       auto (from the suffix), onnxruntime or tensorrt\n"
+    "  --class NAME      multi-class model: decide by this product class's threshold (default: the global one)\n"
     "  --threads N       ONNX Runtime intra-op threads (default: EDGEAD_THREADS or all cores)\n"
     "  --batch N         micro-batch size (default 1)\n"
     "  --workers N       batches scored at once, each by its own model call (default 1); results stay in\n"
@@ -68,6 +69,7 @@ const char* kUsage =
 
 struct Args {
   std::string kind, target, model, backend = "auto", policy, jsonl, save_ng, save_maps, summary, reader = "ffmpeg";
+  std::string class_name;  // multi-class model: decide by this product class's threshold
   int threads = 0, batch = 1, workers = 1;
   long max_frames = -1;
   bool quiet = false;
@@ -101,6 +103,7 @@ Args parse_args(int argc, char** argv) {
       ++sources;
     } else if (f == "--model") a.model = need(i);
     else if (f == "--backend") a.backend = need(i);
+    else if (f == "--class") a.class_name = need(i);
     else if (f == "--threads") a.threads = static_cast<int>(as_int(f, need(i)));
     else if (f == "--batch") a.batch = static_cast<int>(as_int(f, need(i)));
     else if (f == "--workers") a.workers = static_cast<int>(as_int(f, need(i)));
@@ -325,6 +328,7 @@ int main(int argc, char** argv) {
     if (opt.threads == 0 && !std::getenv("EDGEAD_THREADS") && args.workers > 1)  // share the cores between the calls
       opt.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / args.workers);
     model = std::make_shared<Model>(args.model, opt);
+    if (!args.class_name.empty()) model->use_class(args.class_name);  // unknown class: one line, exit 2
     if (!args.save_ng.empty()) fs::create_directories(args.save_ng);
     if (!args.save_maps.empty()) fs::create_directories(args.save_maps);
   } catch (const std::exception& e) {  // SourceError, edgead::Error, bad arguments, unwritable folders
@@ -465,6 +469,10 @@ int main(int argc, char** argv) {
         rec["decision"] = r.is_ng ? "NG" : "OK";
         rec["latency_ms"] = round_to(latency, 3);
         rec["model_ms"] = round_to(per_frame_model * 1e3, 3);
+        if (!args.class_name.empty()) {  // as runtime.stream writes it for a product class's threshold
+          rec["class"] = args.class_name;
+          rec["threshold"] = round_to(model->threshold(), 6);
+        }
         if (r.is_ng && !args.save_ng.empty()) {
           const std::string path = (fs::path(args.save_ng) / frame_name("ng", it.fid, ".jpg")).string();
           if (!write_image(path, overlay(it.frame, r.anomaly_map, r.image_score, true, pixel_thr)))

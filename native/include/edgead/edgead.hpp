@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -53,7 +54,12 @@ struct Sidecar {
   std::vector<std::string> outputs;  // declared output names, in sidecar order
   double threshold_image = 0.0;      // image_score >= this -> NG
   double threshold_pixel = 0.1;
+  std::map<std::string, double> threshold_per_class;  // multi-class models: each product class's own
 };
+
+// The image threshold of a product class ("" = the global one), as runtime.model.Model.threshold_for;
+// throws Error (one line, what to run) for a class without a threshold.
+double threshold_for(const Sidecar& sidecar, const std::string& class_name, const std::string& model_path = "model");
 
 // Read and validate the sidecar next to model_path (model.onnx -> model.onnx.json); throws Error.
 Sidecar read_sidecar(const std::string& model_path, bool verify_hash = true);
@@ -133,7 +139,11 @@ class Model {
 
   const Sidecar& sidecar() const;
   const InputSpec& input() const;
-  double threshold() const;
+  double threshold() const;             // the deciding threshold: the global one, or use_class's
+  // Multi-class model: decide by this product class's threshold ("" = the global one); throws Error if it has none.
+  // Call before scoring starts (not concurrently with infer).
+  void use_class(const std::string& class_name);
+  const std::string& class_name() const;  // "" = the global threshold
   std::string provider() const;  // e.g. "onnxruntime:CPUExecutionProvider", "tensorrt"
 
  private:

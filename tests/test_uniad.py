@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,31 @@ def test_multiclass_training_records_classes(tmp_path):
     assert bool(model.calibrated) and float(model.feature_std.min()) > 0
     frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8).numpy()
     assert run_outputs(model, frames, "cpu", keys=("image_score",))["image_score"].shape == (2,)
+    # each class ships its own threshold, fitted on its held-out validation images; export carries them
+    per_class = blob["thresholds"]["per_class"]
+    assert sorted(per_class) == ["board", "tray"] and all(np.isfinite(v) for v in per_class.values())
+    from export.onnx_export import export_onnx
+    from runtime.model import Model
+
+    onnx_path = export_onnx(ckpt, tmp_path / "uni.onnx")
+    deployed = Model(onnx_path, class_name="tray")
+    assert deployed.threshold == pytest.approx(per_class["tray"]) and deployed.sidecar.thresholds.per_class == per_class
+
+
+def test_per_class_thresholds_come_from_each_classs_own_held_out_scores(caplog):
+    from calibration.fitting import threshold_at_fpr
+    from train.loop import per_class_thresholds
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 40), rng.normal(5, 1, 6)  # class b scores higher and has few images
+    scores = np.r_[a[:20], b, a[20:]]
+    classes = ["a"] * 20 + ["b"] * 6 + ["a"] * 20
+    with caplog.at_level(logging.WARNING, logger="train.loop"):
+        thr = per_class_thresholds(scores, classes, 0.01)
+    assert thr == {"a": threshold_at_fpr(a, 0.01).image, "b": threshold_at_fpr(b, 0.01).image}
+    assert thr["b"] > thr["a"] and "class b" in caplog.text and "class a" not in caplog.text
+    with pytest.raises(ValueError, match="class labels"):
+        per_class_thresholds(scores[:-1], classes, 0.01)
 
 
 def test_multiclass_benchmark_merges_only_the_same_experiment():

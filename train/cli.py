@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(MVTec layout: DIR/train/good). Writes OUT/checkpoint.pt for `python -m export`.")
     p.add_argument("--data", required=True, nargs="+", metavar="DIR",
                    help="category folder holding train/good (and optionally test/), or a parent of such folders; several "
-                        "classes = one model for several product classes (per-class thresholds: "
-                        "`python -m calibration fit --class NAME`)")
+                        "classes = one model for several product classes (each class's threshold is fitted on its held-out "
+                        "images; refit one with `python -m calibration fit --class NAME`)")
     p.add_argument("--model", choices=list_models(), default=None,
                    help="model to train (default: efficientad_lite, or the one --size names)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",

@@ -166,10 +166,16 @@ def torch_scorer(model: AnomalyModel, device: str):
 
 def calibrate_model(model: AnomalyModel, fit_frames: np.ndarray, val_frames: np.ndarray, device: str,
                     puad_weight: float = 0.5, target_fpr: float = 0.01,
-                    puad_gate: float | None = fitting.DEFAULT_PUAD_GATE) -> dict:
+                    puad_gate: float | None = fitting.DEFAULT_PUAD_GATE,
+                    classes: tuple[list[str], list[str]] | None = None) -> dict:
     """First calibration: the head's constants from held-out good images (Gaussian on the training
     images), by ``calibration.headfit.fit_head`` -- the procedure field calibration runs too. Families that
     set ``heldout_fit`` (a memory) add their out-of-sample training maps, as a field refit does.
+
+    ``classes``: (class of each fit frame, of each validation frame) of a multi-class run: each class also gets
+    its own threshold (``thresholds.per_class``, what ``--class NAME`` deploys), at the same target FPR on
+    that class's held-out scores -- never on images the model was trained on, which score lower than new
+    good parts and would give thresholds that raise false alarms.
 
     The networks run once per image; each fitting step re-scores the stored outputs."""
     raw_val = raw_outputs(model, val_frames, device)
@@ -184,8 +190,34 @@ def calibrate_model(model: AnomalyModel, fit_frames: np.ndarray, val_frames: np.
                    gaussian_optional=gaussian_optional(model.family_params()))
     model.head.write(**fit.constants)
     model.calibrated.fill_(True)
+    thresholds = dataclasses.asdict(fit.thresholds)
+    if classes is not None and len(set(classes[1])) > 1:
+        of_score = (list(classes[0]) if held is not None else []) + list(classes[1])  # the order of raw_val
+        thresholds["per_class"] = per_class_thresholds(fit.heldout_scores, of_score, target_fpr)
     return {"normalization": dataclasses.asdict(fit.normalization), "gaussian": dataclasses.asdict(fit.gaussian),
-            "score": dataclasses.asdict(fit.score), "thresholds": dataclasses.asdict(fit.thresholds)}
+            "score": dataclasses.asdict(fit.score), "thresholds": thresholds}
+
+
+FEW_CLASS_IMAGES = 10  # below this many held-out images a class's threshold is set, with a warning
+
+
+def per_class_thresholds(heldout_scores: np.ndarray, classes: list[str], target_fpr: float) -> dict[str, float]:
+    """Each class's image threshold at ``target_fpr`` on its own held-out good images' scores."""
+    scores = np.asarray(heldout_scores, np.float64)
+    if len(scores) != len(classes):
+        raise ValueError(f"{len(scores)} held-out scores for {len(classes)} class labels")
+    labels = np.asarray(classes)
+    out = {}
+    for name in sorted(set(classes)):
+        own = scores[labels == name]
+        out[name] = float(fitting.threshold_at_fpr(own, target_fpr).image)
+        if len(own) < FEW_CLASS_IMAGES:
+            log.warning("class %s: its threshold comes from only %d held-out images; refit it with `python -m "
+                        "calibration fit --model M --good DIR --class %s` on 20 or more good images not used in "
+                        "training", name, len(own), name)
+    log.info("per-class thresholds (held-out images, target FPR %g): %s", target_fpr,
+             {k: round(v, 4) for k, v in out.items()})
+    return out
 
 
 def fit_map_normalization(model: AnomalyModel, raw_val: dict[str, np.ndarray]) -> None:
@@ -280,12 +312,14 @@ def _train(cfg: TrainConfig, resume: bool, ctx: distributed.DistContext) -> Path
         facts["world_size"] = ctx.world_size
     model.eval()
     smoothing = apply_map_blur(model, cfg.map_blur, imgs.val, device, cfg.seed)
-    parts = calibrate_model(model, imgs.fit, imgs.val, device, cfg.puad_weight, cfg.target_fpr, cfg.puad_gate)
+    multi = not isinstance(cfg.data, (str, Path))
+    parts = calibrate_model(model, imgs.fit, imgs.val, device, cfg.puad_weight, cfg.target_fpr, cfg.puad_gate,
+                            classes=(imgs.fit_classes, imgs.val_classes) if multi else None)
     history = facts.pop("history", [])
     with open(out / "train_log.jsonl", "w") as f:
         for row in history:
             f.write(json.dumps(row) + "\n")
-    classes = sorted(set(imgs.fit_classes)) if not isinstance(cfg.data, (str, Path)) else None
+    classes = sorted(set(imgs.fit_classes)) if multi else None
     save_checkpoint(ckpt, model, {
         **parts,
         "map_smoothing": smoothing,

@@ -6,7 +6,9 @@
 Same classes, same per-class budget: each EfficientAD model trains ``--steps-per-class`` steps on
 its class; the unified UniAD trains ``--steps-per-class`` x (number of classes) steps on the mixed
 classes (the same number of images per class, at the same batch size). Per class and mean: image
-AUROC, pixel AUROC, AUPRO (FPR <= 0.3), F1-max; model file size (one artifact vs one per class);
+AUROC, pixel AUROC, AUPRO (FPR <= 0.3), F1-max, and the deployed OK/NG figures (false alarms on good test
+images, misses per defect type) at the threshold each class is deployed with (UniAD: the class's own,
+fitted on its held-out images); model file size (one artifact vs one per class);
 CPU ms per frame through ONNX Runtime at batch 1. ``--ablation`` adds UniAD runs with each
 anti-shortcut mechanism switched off (neighbour mask, learned queries, feature jitter).
 Result JSON in benchmarks/results/ with machine, command and date.
@@ -48,16 +50,26 @@ def _train(data, out: Path, model: str, steps: int, args, model_kwargs: dict) ->
     return ckpt, time.time() - t0
 
 
+def class_threshold(blob: dict, name: str) -> float:
+    """The threshold a class is deployed with: its own (``thresholds.per_class``, multi-class training) or the
+    model's global one."""
+    thr = blob.get("thresholds") or {}
+    return float((thr.get("per_class") or {}).get(name, thr["image"]))
+
+
 def _evaluate(ckpt: Path, classes: list[str]) -> dict:
+    """Per class: the threshold-free metrics, and the OK/NG figures at the threshold the class is deployed with."""
     from train.evaluate import evaluate_model
     from train.loop import load_checkpoint
 
-    model, _ = load_checkpoint(ckpt)
+    model, blob = load_checkpoint(ckpt)
     res = {}
     for d in classes:
-        r = evaluate_model(model, d, "cpu")["image_score"]
-        res[Path(d).name] = {k: r[k] for k in METRICS}
-        log.info("%s %s: %s", ckpt.parent.name, Path(d).name, {k: round(v, 4) for k, v in res[Path(d).name].items()})
+        name = Path(d).name
+        r = evaluate_model(model, d, "cpu", threshold=class_threshold(blob, name))
+        res[name] = {k: r["image_score"][k] for k in METRICS}
+        log.info("%s %s: %s", ckpt.parent.name, name, {k: round(v, 4) for k, v in res[name].items()})
+        res[name]["deployed"] = r["deployed"]
     return res
 
 

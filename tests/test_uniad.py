@@ -119,6 +119,14 @@ def test_multiclass_training_records_classes(tmp_path):
     assert deployed.threshold == pytest.approx(per_class["tray"]) and deployed.sidecar.thresholds.per_class == per_class
 
 
+def test_multiclass_benchmark_deploys_each_class_at_its_own_threshold():
+    from benchmarks.multiclass import class_threshold
+
+    blob = {"thresholds": {"image": 1.0, "per_class": {"board": 2.0}}}
+    assert class_threshold(blob, "board") == 2.0 and class_threshold(blob, "tray") == 1.0
+    assert class_threshold({"thresholds": {"image": 0.5}}, "board") == 0.5
+
+
 def test_per_class_thresholds_come_from_each_classs_own_held_out_scores(caplog):
     from calibration.fitting import threshold_at_fpr
     from train.loop import per_class_thresholds

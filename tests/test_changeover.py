@@ -254,6 +254,7 @@ def test_operator_changes_the_product_on_the_page(multi_class_model, tmp_path):
                 page.goto(url)
                 page.wait_for_function("document.getElementById('verdict').textContent === 'OK'", timeout=30000)
                 assert page.text_content("#class") == "lenient" and page.is_visible("#changeover")
+                assert page.input_value("#classpick") == "lenient"  # the picker starts at the deciding class
                 page.select_option("#classpick", "strict")
                 page.click("#setclass")
                 page.wait_for_function("document.getElementById('class').textContent === 'strict' && "

@@ -21,6 +21,15 @@ from typing import Any, Callable
 _UNSET = object()
 
 
+def class_from_json(body: Any) -> str | None:
+    """A changeover request's JSON ``{"class": NAME}`` (web view, MQTT) -> the class name (None or "" = the global
+    threshold); ValueError (one line, what to send) for anything else."""
+    name = body.get("class", 0) if isinstance(body, dict) else 0
+    if not (name is None or isinstance(name, str)):
+        raise ValueError('send JSON {"class": "NAME"} (null for the global threshold)')
+    return name or None
+
+
 @dataclass(frozen=True)
 class ClassSetting:
     """The class (None = the global threshold) and threshold that decide frames from ``from_frame`` on."""
@@ -44,8 +53,8 @@ class ClassSwitch:
 
     @classmethod
     def for_model(cls, model: Any) -> "ClassSwitch":
-        """The switch of a ``runtime.model.Model`` (or anything with ``threshold``; without ``threshold_for``
-        every request is refused)."""
+        """The switch of a ``runtime.model.Model`` (or anything with ``threshold``: it decides until a changeover;
+        without ``threshold_for`` every request is refused)."""
         sc = getattr(model, "sidecar", None)
         per_class = getattr(getattr(sc, "thresholds", None), "per_class", None) or {}
         return cls(getattr(model, "threshold_for", None), getattr(model, "class_name", None),

@@ -39,6 +39,12 @@ class Prediction:
     raw: dict[str, np.ndarray]
 
 
+def is_ng(image_score: np.ndarray, threshold: float) -> np.ndarray:
+    """The OK/NG decision: NG iff score >= threshold, compared in the score's float32 (as numpy compares a float32
+    array with a Python float, and as the native runtime does), so every runtime decides a borderline part alike."""
+    return np.asarray(image_score, np.float32) >= np.float32(threshold)
+
+
 def _backend_for(path: Path, backend: str, device: str, sidecar: Sidecar) -> Backend:
     suffix = path.suffix.lower()
     if backend == "auto":
@@ -150,7 +156,7 @@ class Model:
         return Prediction(
             image_score=score,
             anomaly_map=out["anomaly_map"][:, 0] if "anomaly_map" in out else None,
-            is_ng=score >= self.threshold,
+            is_ng=is_ng(score, self.threshold),
             scores={k: np.asarray(out[k], np.float32).reshape(-1) for k in self.components if k in out},
             raw=out,
         )

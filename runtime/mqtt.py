@@ -32,6 +32,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from .changeover import class_from_json
+
 log = logging.getLogger(__name__)
 
 POLL_S = 0.01  # how often the publisher thread looks for new messages
@@ -228,12 +230,10 @@ def parse_class_command(payload: bytes) -> str | None:
     if not text.startswith("{"):
         return text or None
     try:
-        name = json.loads(text)["class"]
-    except (ValueError, KeyError, TypeError):
-        name = 0
-    if not (name is None or isinstance(name, str)):
-        raise ValueError('send a class name, or JSON {"class": "NAME"} (null for the global threshold)')
-    return name or None
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    return class_from_json(body)
 
 
 def _jsonable(x: Any) -> Any:

@@ -30,6 +30,7 @@ import numpy as np
 from .artifact import ArtifactError, atomic_write_text
 from .backends.base import ServerUnavailable
 from .changeover import ClassSetting, ClassSwitch
+from .model import is_ng
 from .observers import ObserverSet, add_observer_args, build_observers
 from .preprocess import as_bgr
 from .savers import JsonlWriter, NgSaver
@@ -420,9 +421,7 @@ class Stream:
             if setting is not self._setting:
                 self._class_changed(setting, fid, summary)
             score = float(pred.image_score[i])
-            # after a changeover: the threshold of the class this frame was captured under (the model's own
-            # decision, score >= model.threshold, until then)
-            ng = bool(pred.is_ng[i]) if setting.requested_by == "start" else score >= setting.threshold
+            ng = bool(is_ng(pred.image_score[i], setting.threshold))  # the class this frame was captured under
             done = time.perf_counter()
             latency_ms = (done - t_cap) * 1e3
             stats.add(latency_ms, per_frame_model * 1e3)

@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .changeover import class_from_json
 from .observers import is_loopback
 
 log = logging.getLogger(__name__)
@@ -299,13 +300,10 @@ class WebView:
                 return JSONResponse({"error": "this stream takes no class changes"}, status_code=409)
             try:
                 body = await request.json()
-                name = body.get("class") if isinstance(body, dict) else None
-                if not (isinstance(body, dict) and "class" in body and (name is None or isinstance(name, str))):
-                    raise ValueError
             except ValueError:
-                return JSONResponse({"error": 'send JSON {"class": "NAME"} (null for the global threshold)'},
-                                    status_code=400)
+                body = None  # not JSON: refused below, saying what to send
             try:
+                name = class_from_json(body)
                 thr = self._classes.request(name, requested_by="web")
             except ValueError as e:
                 return JSONResponse({"error": str(e)}, status_code=400)

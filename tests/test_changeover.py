@@ -73,6 +73,24 @@ def test_switch_refuses_unknown_classes_and_orders_changes_by_frame():
         ClassSwitch(None, None, 0.5).request("strict")
 
 
+def test_one_parser_for_changeover_requests():
+    from runtime.changeover import class_from_json
+
+    assert class_from_json({"class": "tray"}) == "tray" and class_from_json({"class": None}) is None
+    assert class_from_json({"class": ""}) is None
+    for bad in ({"klass": "tray"}, {"class": 3}, ["tray"], None):
+        with pytest.raises(ValueError, match='send JSON {"class": "NAME"}'):
+            class_from_json(bad)
+    pytest.importorskip("paho.mqtt.client", reason="MQTT extra not installed: pip install -e '.[mqtt]' (make test does it)")
+    from runtime.mqtt import parse_class_command
+
+    assert parse_class_command(b" board ") == "board" and parse_class_command(b"") is None
+    assert parse_class_command(b'{"class": "tray"}') == "tray"
+    for bad in (b'{"class": 3}', b"{oops"):
+        with pytest.raises(ValueError, match='send JSON {"class": "NAME"}'):
+            parse_class_command(bad)
+
+
 def test_changeover_mid_stream_decides_each_frame_by_the_class_it_was_captured_under(multi_class_model):
     model = Model(multi_class_model, class_name="lenient")
     sink = io.StringIO()
@@ -265,3 +283,13 @@ def test_operator_changes_the_product_on_the_page(multi_class_model, tmp_path):
             finally:
                 browser.close()
     assert proc.returncode == 0, stream_log(tmp_path)
+
+
+def test_a_changeover_decides_with_the_models_own_comparison():
+    """After a changeover the stream decides with runtime.model.is_ng, the comparison Model.to_prediction (and the
+    native runtime) makes: in the score's float32. A threshold between two float32 values must not flip a part."""
+    from runtime.model import is_ng
+
+    score = np.float32([1.0])
+    assert bool(is_ng(score, 1.0 + 1e-9)[0])  # 1 + 1e-9 is 1.0 in float32: NG, as the deployed graph's runtimes say
+    assert not bool(is_ng(score, float(np.nextafter(np.float32(1.0), np.float32(2.0))))[0])

@@ -43,6 +43,8 @@ class _Backend:
 class RemoteStandIn:
     """Answers after a random delay (so later requests often finish first); refuses every call while ``down``."""
 
+    threshold = 1000.0
+
     def __init__(self, down_between: tuple[int, int] | None = None, seed: int = 0):
         self.backend, self.down = _Backend(self), threading.Event()
         self.rng, self.lock, self.calls, self.down_between = random.Random(seed), threading.Lock(), 0, down_between
@@ -75,7 +77,7 @@ class RemoteStandIn:
     def to_prediction(self, out):
         s = out["image_score"]
         amap = out["anomaly_map"][:, 0] if "anomaly_map" in out else None
-        return Prediction(image_score=s, anomaly_map=amap, is_ng=s >= 1000, scores={}, raw=out)
+        return Prediction(image_score=s, anomaly_map=amap, is_ng=s >= self.threshold, scores={}, raw=out)
 
 
 def _records(sink: io.StringIO) -> list[dict]:

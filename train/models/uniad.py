@@ -163,8 +163,9 @@ class UniADConfig(FamilyConfig):
     feature_stride: int = 16  # token grid = input / stride (16: 16x16 tokens at 256 px)
     feature_pool: int = 1  # local averaging of the features, grid cells (1 = off, as the paper)
     # a 2 + 2-layer transformer of width 128 (the paper: 256 wide, 4 + 4 layers, ff 1024, 8 heads; all
-    # settable): 0.34 s vs 1.6 s per training step of 8 on 2 CPU cores, 15 ms vs ~60 ms per frame (ONNX
-    # Runtime, 256 px); chosen for the 2-core edge budget, not on a test split (docs/uniad.md)
+    # settable): 0.34 s vs 1.6 s per training step of 8 on 2 CPU cores, 15.5 ms vs 39 ms per frame model-only
+    # (runtime.bench, 256 px, bench_uniad_speed_256px_*.json); chosen for the 2-core edge budget, not on a
+    # test split (docs/uniad.md)
     hidden: int = 128
     heads: int = 4
     encoder_layers: int = 2

@@ -12,6 +12,7 @@ checkpoint, atomically.
 """
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -86,11 +87,22 @@ def _setup(device: str, backend: str | None) -> DistContext:
     return DistContext(rank, world, local_rank, device, backend)
 
 
-def cleanup(ctx: DistContext) -> None:
+def cleanup(ctx: DistContext, ok: bool = True) -> None:
+    """Leave the process group together: after a run that ended well, drop the DDP wrappers (``gc``: their
+    reducers hold gloo work and sit in reference cycles), wait for every rank (rank 0 calibrates and writes
+    while the others are done) and destroy the group on all ranks at once. A rank that leaves alone while
+    gloo's threads still hold work was seen to abort at interpreter exit ("terminate called without an
+    active exception", SIGABRT) on a loaded CI machine. After a failure nothing collective is attempted: the
+    other ranks may be inside a collective this one will never join (a barrier there would hang); torchrun
+    ends them."""
     global _current
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
     _current = DistContext()
+    if not (ctx.distributed and dist.is_initialized()):
+        return
+    if ok:
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier(ctx: DistContext) -> None:

@@ -283,9 +283,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     writes the log and the checkpoint. Without torchrun: one process, exactly as before."""
     ctx = distributed.setup(cfg.device)
     try:
-        return _train(cfg, resume, ctx)
-    finally:
-        distributed.cleanup(ctx)
+        path = _train(cfg, resume, ctx)
+    except BaseException:
+        distributed.cleanup(ctx, ok=False)
+        raise
+    distributed.cleanup(ctx)
+    return path
 
 
 def _train(cfg: TrainConfig, resume: bool, ctx: distributed.DistContext) -> Path:

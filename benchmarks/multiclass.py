@@ -40,11 +40,13 @@ ABLATIONS = {"no_neighbor_mask": {"neighbor_mask": False}, "no_learned_query": {
              "no_feature_jitter": {"feature_jitter": False}}
 
 
-def _train(data, out: Path, model: str, steps: int, args, model_kwargs: dict) -> tuple[Path, float]:
+def _train(data, out: Path, model: str, steps: int, args, model_kwargs: dict,
+           map_blur: float | str | None = None) -> tuple[Path, float]:
     from train.loop import TrainConfig, train
 
     cfg = TrainConfig(data=data, out=str(out), model=model, image_size=args.image_size, steps=steps,
-                      batch_size=args.batch_size, seed=args.seed, save_every=0, model_kwargs=model_kwargs)
+                      batch_size=args.batch_size, seed=args.seed, save_every=0, model_kwargs=model_kwargs,
+                      map_blur=map_blur)
     t0 = time.time()
     ckpt = train(cfg)
     return ckpt, time.time() - t0
@@ -71,6 +73,13 @@ def _evaluate(ckpt: Path, classes: list[str]) -> dict:
         log.info("%s %s: %s", ckpt.parent.name, name, {k: round(v, 4) for k, v in res[name].items()})
         res[name]["deployed"] = r["deployed"]
     return res
+
+
+def load_checkpoint_blob(ckpt: Path) -> dict:
+    """The checkpoint's recorded facts (no model built): what smoothing training chose, for the result."""
+    import torch
+
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
 
 
 def _mean(per_class: dict) -> dict:
@@ -119,7 +128,8 @@ def merge_results(uniad: dict, efficientad: dict) -> dict:
     if not common:
         raise ValueError("no class was finished by both runs")
     out = {k: uniad[k] for k in SAME_SETTINGS}
-    out.update({"data": uniad.get("data"), "uniad_kwargs": uniad.get("uniad_kwargs"), "uniad": uniad["uniad"],
+    out.update({"data": uniad.get("data"), "uniad_kwargs": uniad.get("uniad_kwargs"),
+                "uniad_map_blur": uniad.get("uniad_map_blur"), "uniad": uniad["uniad"],
                 "efficientad_per_class": efficientad["efficientad_per_class"],
                 "sources": {"uniad": {k: uniad.get(k) for k in ("command", "date", "machine", "threads")},
                             "efficientad": {k: efficientad.get(k) for k in ("command", "date", "machine", "threads")}},
@@ -134,7 +144,7 @@ def resumable_state(previous: dict, settings: dict) -> dict:
     """What an interrupted run with the same settings already finished: ``{"uniad": ..., "efficientad_per_class": ...}``.
 
     Raises ValueError when ``previous`` is another experiment (classes, input size, budget, seed, UniAD options)."""
-    keys = SAME_SETTINGS + ("uniad_kwargs",)
+    keys = SAME_SETTINGS + ("uniad_kwargs", "uniad_map_blur")
     diff = [k for k in keys if previous.get(k) != settings.get(k)]
     if diff:
         raise ValueError(f"cannot resume: the earlier result differs in {', '.join(diff)}; use another --name")
@@ -150,6 +160,9 @@ def main() -> None:
     p.add_argument("--steps-per-class", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--uniad-map-blur", default=None, metavar="SIGMA|auto",
+                   help="UniAD's map smoothing (train --map-blur): a sigma in px at 256 px, or 'auto' (chosen on "
+                        "painted validation defects, never on the test split); default: the model's own")
     p.add_argument("--uniad-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="UniAD option (repeatable), e.g. hidden=128")
     p.add_argument("--skip-efficientad", action="store_true", help="UniAD (and ablations) only")
@@ -176,12 +189,19 @@ def main() -> None:
     from train.cli import parse_model_args
 
     uni_kw = parse_model_args(args.uniad_arg)
+    if args.uniad_map_blur is not None:
+        from train.loop import parse_map_blur
+
+        try:
+            args.uniad_map_blur = parse_map_blur(args.uniad_map_blur)
+        except ValueError as e:
+            p.error(str(e))
     work = Path(args.work)
     classes = list(args.data)
     n = len(classes)
     result: dict = {"classes": [Path(d).name for d in classes], "data": classes, "image_size": args.image_size,
                     "steps_per_class": args.steps_per_class, "batch_size": args.batch_size, "seed": args.seed,
-                    "uniad_kwargs": uni_kw, "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "EDGEAD_THREADS")}}
+                    "uniad_kwargs": uni_kw, "uniad_map_blur": args.uniad_map_blur, "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "EDGEAD_THREADS")}}
     name = args.name
     done: dict = {}
     if args.resume and (RESULTS / name).exists():
@@ -203,9 +223,12 @@ def main() -> None:
     for label, off in runs:
         if label in done:
             continue
-        ckpt, secs = _train(classes, work / label, "uniad", args.steps_per_class * n, args, {**uni_kw, **off})
+        ckpt, secs = _train(classes, work / label, "uniad", args.steps_per_class * n, args, {**uni_kw, **off},
+                            args.uniad_map_blur)
         per = _evaluate(ckpt, classes)
+        smoothing = load_checkpoint_blob(ckpt).get("map_smoothing")
         result[label] = {"switched_off": sorted(off), "steps": args.steps_per_class * n, "train_seconds": secs,
+                         "map_smoothing": smoothing,
                          "per_class": per, "mean": _mean(per), "speed": _speed(ckpt, args.speed_repeats) if label == "uniad" else None}
         save()
     if not args.skip_efficientad:

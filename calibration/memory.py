@@ -3,7 +3,8 @@
 A graph that declares a memory (sidecar ``family_params["memory"]``, written by export from the
 model's ``family_params()``) scores each patch by its distance to the nearest row of a named
 initializer. The initializer is a float32 matrix ``[C+1, capacity]``: one column per memory item,
-its C features and its squared norm. The squared norm rides along so the deployed nearest-item
+its C features and its squared norm (and, for the neighbourhood reweighting of Roth et al., ``neighbours`` more rows: the
+indices of the item's nearest items, ``item_neighbours``). The squared norm rides along so the deployed nearest-item
 search ``argmin_b (||b||^2 - 2 a.b)`` needs no computation on the memory alone, and the columns are laid out
 as the graph's MatMul uses them: exporters fold any operation on a constant (a norm, a transpose)
 into a new, unnamed constant that a rewrite of the memory would leave stale. Unused columns repeat
@@ -79,20 +80,51 @@ def coreset_size(n_patches: int, ratio: float, capacity: int) -> int:
     return int(max(1, min(capacity, round(ratio * n_patches))))
 
 
-def memory_matrix(coreset: np.ndarray, capacity: int) -> np.ndarray:
-    """The memory initializer: float32 [C+1, capacity], column j = [item j's features, its squared norm];
-    unused columns repeat item 0.
+def memory_matrix(coreset: np.ndarray, capacity: int, neighbours: int = 0) -> np.ndarray:
+    """The memory initializer: float32 [C+1+k, capacity], column j = [item j's features, its squared norm,
+    the indices of its ``k = neighbours`` nearest items]; unused columns repeat item 0.
 
-    coreset: float32 [M,C] memory items with 1 <= M <= capacity."""
+    coreset: float32 [M,C] memory items with 1 <= M <= capacity. The neighbour rows (the
+    reweighting, ``item_neighbours``) hold item indices as float32 (exact below 2**24); the graph's search
+    multiplies them by zero and reads them only through a gathered column."""
     m = np.asarray(coreset, np.float32)
     if m.ndim != 2 or not 1 <= len(m) <= capacity:
         raise CalibrationError(f"memory of {len(m)} rows does not fit a capacity of {capacity}; "
                                "lower the coreset ratio or re-export with a larger memory")
-    rows = np.empty((capacity, m.shape[1] + 1), np.float32)
-    rows[: len(m), :-1] = m
-    rows[len(m):, :-1] = m[0]
-    rows[:, -1] = np.einsum("ij,ij->i", rows[:, :-1].astype(np.float64), rows[:, :-1].astype(np.float64))
+    if neighbours < 0:
+        raise CalibrationError(f"{neighbours} neighbours: choose 0 (no reweighting) or more")
+    c = m.shape[1]
+    rows = np.empty((capacity, c + 1 + neighbours), np.float32)
+    rows[: len(m), :c] = m
+    rows[len(m):, :c] = m[0]
+    rows[:, c] = np.einsum("ij,ij->i", rows[:, :c].astype(np.float64), rows[:, :c].astype(np.float64))
+    if neighbours:
+        nb = item_neighbours(m, neighbours)
+        rows[: len(m), c + 1:] = nb
+        rows[len(m):, c + 1:] = nb[0]
     return np.ascontiguousarray(rows.T)
+
+
+def item_neighbours(items: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """For each memory item, the indices of its ``k`` nearest items (itself first), int64 [M, k].
+
+    The reweighting of Roth et al. compares a test patch's distance to its nearest item m* with its distances to
+    m*'s neighbourhood in the memory: an item in a sparse region (a rare normal pattern) weighs more than
+    one in a crowded region. Fewer than ``k`` items: the farthest one repeats."""
+    x = np.asarray(items, np.float64)
+    m = len(x)
+    kk = min(k, m)
+    sq = np.einsum("ij,ij->i", x, x)
+    out = np.empty((m, k), np.int64)
+    for i in range(0, m, chunk):
+        d = sq[i:i + chunk, None] - 2.0 * (x[i:i + chunk] @ x.T) + sq[None, :]
+        d[np.arange(len(d)), np.arange(i, i + len(d))] = -np.inf  # itself first, whatever the rounding
+        part = np.argpartition(d, kk - 1, axis=1)[:, :kk] if kk < m else np.tile(np.arange(m), (len(d), 1))
+        order = np.argsort(np.take_along_axis(d, part, axis=1), axis=1, kind="stable")
+        near = np.take_along_axis(part, order, axis=1)
+        out[i:i + chunk, :kk] = near
+        out[i:i + chunk, kk:] = near[:, -1:]
+    return out
 
 
 def patches(features: np.ndarray) -> np.ndarray:
@@ -102,12 +134,12 @@ def patches(features: np.ndarray) -> np.ndarray:
 
 
 def build_memory(features: np.ndarray, capacity: int, ratio: float, projection_dim: int | None = 128,
-                 seed: int = 0, progress: bool = True) -> tuple[np.ndarray, int]:
-    """Patch feature maps [N,C,h,w] of good images -> (memory matrix [C+1, capacity], items selected)."""
+                 seed: int = 0, progress: bool = True, neighbours: int = 0) -> tuple[np.ndarray, int]:
+    """Patch feature maps [N,C,h,w] of good images -> (memory matrix [C+1+neighbours, capacity], items selected)."""
     rows = patches(features)
     n = coreset_size(len(rows), ratio, capacity)
     idx = greedy_coreset(rows, n, projection_dim, seed, progress)
-    return memory_matrix(rows[idx], capacity), n
+    return memory_matrix(rows[idx], capacity, neighbours), n
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -186,6 +218,7 @@ class MemorySpec:
     seed: int = 0
     method: str = "coreset"  # "coreset" (greedy k-center rows) or "kmeans" (k-means centres)
     iterations: int = 20  # k-means only
+    neighbours: int = 0  # rows of item neighbour indices after the norm row (Roth et al.'s reweighting; 0: none)
 
     @classmethod
     def from_sidecar(cls, sc) -> "MemorySpec | None":
@@ -200,7 +233,8 @@ class MemorySpec:
             spec = cls(initializer=d["initializer"], features_output=d["features_output"], capacity=int(d["capacity"]),
                        dim=int(d["dim"]), coreset_ratio=float(d.get("coreset_ratio", 0.1)),
                        projection_dim=d.get("projection_dim", 128), seed=int(d.get("seed", 0)),
-                       method=str(d.get("method", "coreset")), iterations=int(d.get("iterations", 20)))
+                       method=str(d.get("method", "coreset")), iterations=int(d.get("iterations", 20)),
+                       neighbours=int(d.get("neighbours", 0)))
         except (KeyError, TypeError, ValueError) as e:
             raise CalibrationError(f"sidecar family_params.memory is malformed ({e}); re-export the model") from e
         if spec.method not in MEMORY_METHODS:
@@ -219,8 +253,9 @@ def build_memory_for(spec: MemorySpec, features: np.ndarray, progress: bool = Tr
     """Patch feature maps [N,C,h,w] -> (memory matrix [C+1, capacity], items) by the sidecar's method."""
     if spec.method == "kmeans":
         centres = kmeans(patches(features), spec.capacity, spec.iterations, spec.seed)
-        return memory_matrix(centres, spec.capacity), len(centres)
-    return build_memory(features, spec.capacity, spec.coreset_ratio, spec.projection_dim, spec.seed, progress)
+        return memory_matrix(centres, spec.capacity, spec.neighbours), len(centres)
+    return build_memory(features, spec.capacity, spec.coreset_ratio, spec.projection_dim, spec.seed, progress,
+                        spec.neighbours)
 
 
 def image_count_advice(n: int) -> str | None:

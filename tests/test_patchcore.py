@@ -45,6 +45,77 @@ def test_nearest_neighbour_is_the_brute_force_distance_and_padding_rows_change_n
         memory_matrix(mem.numpy(), 16)
 
 
+def test_reweighting_is_patchcores_formula_over_the_nearest_items_neighbourhood():
+    from calibration.memory import item_neighbours
+
+    g = torch.Generator().manual_seed(1)
+    mem = torch.randn(37, 5, generator=g).double()
+    feats = torch.randn(2, 5, 3, 4, generator=g)
+    k = 4
+    bank = memory_matrix(mem.float().numpy(), 64, neighbours=k)
+    assert bank.shape == (5 + 1 + k, 64)
+    # neighbour rows: each item's k nearest items, itself first; unused columns repeat item 0's
+    want_nb = torch.cdist(mem, mem).argsort(dim=1)[:, :k].numpy()
+    np.testing.assert_array_equal(bank[6:, :37].T.astype(np.int64), want_nb)
+    np.testing.assert_array_equal(item_neighbours(mem.numpy(), k), want_nb)
+    assert (bank[6:, 37:] == bank[6:, :1]).all()
+    nn_ = NearestNeighbour(64, 5, neighbours=k)
+    nn_.memory_bank.copy_(torch.from_numpy(bank))
+    got = nn_(feats).double().reshape(-1)
+    a = feats.permute(0, 2, 3, 1).reshape(-1, 5).double()
+    d = torch.cdist(a, mem)  # [P,37]
+    star = d.argmin(1)
+    hood = torch.gather(d, 1, torch.from_numpy(want_nb)[star])  # distances of each patch to N_k(b*)
+    want = d.min(1).values * (1 - torch.exp(d.min(1).values) / torch.exp(hood).sum(1))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got < d.min(1).values).all() and (got >= d.min(1).values * (1 - 1 / k) - 1e-5).all()
+    # fewer items than neighbours: the farthest repeats
+    np.testing.assert_array_equal(item_neighbours(np.array([[0.0], [1.0], [3.0]]), 5), [[0, 1, 2, 2, 2], [1, 0, 2, 2, 2], [2, 1, 0, 0, 0]])
+    with pytest.raises(ValueError, match="reweight_neighbours"):
+        NearestNeighbour(64, 5, neighbours=1)
+
+
+def test_reweighted_memory_exports_with_parity_and_refits_torch_free(pc_dataset, tmp_path):
+    """The neighbour indices live in the one memory initializer: export keeps parity, and a torch-free
+    refit writes new items with their own neighbourhoods, scored by the deployed graph as calibration said."""
+    import cv2
+
+    from calibration.memory import item_neighbours
+    from export.onnx_export import export_onnx
+    from train.loop import TrainConfig, load_checkpoint, run_outputs, train
+
+    k = 3
+    ckpt = train(TrainConfig(data=str(pc_dataset), out=str(tmp_path / "run"), model="patchcore_lite0",
+                             image_size=IMAGE_SIZE, model_kwargs={"memory_size": 128, "reweight_neighbours": k}))
+    onnx_path = export_onnx(ckpt, tmp_path / "model.onnx", batch="dynamic")
+    model, _ = load_checkpoint(ckpt)
+    frames = load_frames([s.path for s in open_dataset(pc_dataset).test], IMAGE_SIZE)
+    keys = ("anomaly_map", "image_score", "raw_maps")
+    ref = run_outputs(model, frames, "cpu", keys=keys)
+    out = Model(onnx_path, warmup=0).infer(frames)
+    for key in keys:
+        assert np.abs(out[key] - ref[key]).max() <= 1e-4 * max(1.0, np.abs(ref[key]).max()), key
+    assert MemorySpec.from_sidecar(read_sidecar(onnx_path)).neighbours == k
+    before = _memory(onnx_path)
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted((pc_dataset / "train" / "good").glob("*.png"))[::2]:
+        shutil.copy2(p, good / p.name)
+    r = _torch_free(f"from calibration.field import calibrate\n"
+                    f"import numpy as np\n"
+                    f"res = calibrate({str(onnx_path)!r}, {str(good)!r})\n"
+                    f"np.save({str(tmp_path / 'good_scores.npy')!r}, res.good_scores)\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = _memory(onnx_path)
+    assert after.shape == before.shape and not np.array_equal(after, before)
+    c = model.channels
+    rows = int(read_sidecar(onnx_path).provenance["calibration"]["memory"]["rows"])
+    np.testing.assert_array_equal(after[c + 1:, :rows].T.astype(np.int64), item_neighbours(after[:c, :rows].T, k))
+    m = Model(onnx_path, warmup=0)
+    imgs = [cv2.imread(str(p)) for p in sorted(good.glob("*.png"))]
+    np.testing.assert_allclose(m.predict(imgs).image_score, np.load(tmp_path / "good_scores.npy"), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("projection", [None, 2])
 def test_greedy_coreset_covers_every_cluster(projection):
     rng = np.random.default_rng(0)

@@ -20,8 +20,9 @@ Pieces, in the order of the paper:
 buffer ``knn.memory_bank`` [C+1, M] (one column per item: features and squared norm, see
 ``calibration.memory``)
 exported as the named initializer ``memory_bank``: ``python -m calibration fit`` replaces it
-torch-free, which is how a new product is onboarded without re-export. PatchCore's reweighting of
-the image score by the nearest row's neighbourhood is not implemented.
+torch-free, which is how a new product is onboarded without re-export. PatchCore's reweighting by the
+nearest item's neighbourhood (``reweight_neighbours``, off by default) is applied to every patch of the map,
+so the shared head's max, normalization and threshold see it like any other map.
 """
 from __future__ import annotations
 
@@ -67,31 +68,46 @@ class PatchCoreConfig(FamilyConfig):
     # global_gaussian=true). Off by default: it lifts products with a layout (tray 0.741 -> 0.928, real transistor
     # 0.978 -> 0.994, test splits, reported not chosen) but hurt a busy natural texture (grass 0.654 -> 0.578)
     global_gaussian: bool = False
+    # PatchCore's reweighting by the nearest item's neighbourhood in the memory (k items; 0 = off, the paper: 9).
+    # Off: measured a no-op on these features (weights 0.995-1.000; docs/memory_bank.md)
+    reweight_neighbours: int = 0
 
 
 class NearestNeighbour(nn.Module):
     """Distance of each patch to its nearest memory row, as matrix products against ``memory_bank``.
 
-    memory_bank: float32 [C+1, M], columns ``[b, ||b||^2]``. The nearest row is found with one MatMul,
-    ``[-2a, 1] . [b, ||b||^2] = ||a - b||^2 - ||a||^2``, whose only constant operand is the memory itself
-    (stored in the layout MatMul reads, so the exporter has nothing on it to fold). That expanded form
-    cancels in float32 (an error of about 1e-7 ||a||^2, which the square root magnifies for patches
-    that lie on a memory item: 6e-2 between torch and ONNX Runtime on training patches), so the distance
-    itself is recomputed directly, ``||a - b*||``, from the nearest column gathered from the same
-    initializer: exact to float32 rounding of the distance, and the same in every engine.
+    memory_bank: float32 [C+1(+k), M], columns ``[b, ||b||^2(, neighbour indices)]``. The nearest row is found
+    with one MatMul, ``[-2a, 1(, 0...)] . [b, ||b||^2(, ...)] = ||a - b||^2 - ||a||^2``, whose only constant
+    operand is the memory itself (stored in the layout MatMul reads, so the exporter has nothing on it to
+    fold). That expanded form cancels in float32 (an error of about 1e-7 ||a||^2, which the square root
+    magnifies for patches that lie on a memory item: 6e-2 between torch and ONNX Runtime on training
+    patches), so the distance itself is recomputed directly, ``||a - b*||``, from the nearest column gathered
+    from the same initializer: exact to float32 rounding of the distance, and the same in every engine.
+
+    ``neighbours`` k > 0: PatchCore's reweighting (Roth et al., eq. 7), applied to every patch of the map:
+    ``d* (1 - exp(d*) / sum_{m in N_k(b*)} exp(||a - m||))`` with N_k(b*) the k memory items nearest to b*
+    (b* included; their indices ride in the gathered column, ``calibration.memory.item_neighbours``). A patch
+    whose nearest item sits in a sparse region of the memory (a rare normal pattern, often a defect's
+    nearest match) keeps its distance; one in a crowded region is damped by up to 1/k. k gathers of C values
+    per patch: nothing next to the search's matmul.
     """
 
-    def __init__(self, capacity: int, dim: int):
+    def __init__(self, capacity: int, dim: int, neighbours: int = 0):
         super().__init__()
         if capacity < 1:
             raise ValueError(f"memory size {capacity}: choose at least 1 row")
-        self.register_buffer("memory_bank", torch.zeros(dim + 1, capacity))
+        if neighbours < 0 or neighbours == 1:
+            raise ValueError(f"reweight_neighbours {neighbours}: choose 0 (off) or at least 2 (PatchCore: 9)")
+        self.neighbours = int(neighbours)
+        self.register_buffer("memory_bank", torch.zeros(dim + 1 + self.neighbours, capacity))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats [N,C,h,w] -> distances [N,1,h,w] (float32, >= 0)."""
         h, w = feats.shape[-2:]
         a = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])  # [P,C]; no Shape ops: any batch size
-        return torch.sqrt(nearest_squared_distance(a, self.memory_bank)).reshape(-1, 1, int(h), int(w))
+        if not self.neighbours:
+            return torch.sqrt(nearest_squared_distance(a, self.memory_bank)).reshape(-1, 1, int(h), int(w))
+        return reweighted_distance(a, self.memory_bank, self.neighbours).reshape(-1, 1, int(h), int(w))
 
 
 def nearest_squared_distance(a: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -104,6 +120,23 @@ def nearest_squared_distance(a: torch.Tensor, bank: torch.Tensor) -> torch.Tenso
     # gather from the initializer itself, then drop the norm row (a slice of a constant would be folded)
     b = torch.index_select(bank, 1, nearest)[:c].t()  # [P,C]
     return torch.sum((a - b) ** 2, dim=1)
+
+
+def reweighted_distance(a: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """a [P,C], bank [C+1+k,M] -> PatchCore's reweighted nearest distance [P] (see ``NearestNeighbour``)."""
+    c = a.shape[1]
+    query = F.pad(F.pad(-2.0 * a, (0, 1), value=1.0), (0, k), value=0.0)  # the index rows count for nothing
+    nearest = torch.argmin(torch.matmul(query, bank), dim=1)  # [P]
+    col = torch.index_select(bank, 1, nearest)  # [C+1+k, P]
+    d_star = torch.sqrt(torch.sum((a - col[:c].t()) ** 2, dim=1))  # [P]
+    # [P*k]: N_k(b*), b* first; the clamp keeps any memory content a valid index (export traces with
+    # placeholder values there, and a damaged refit must not crash a line)
+    idx = torch.clamp(torch.round(col[c + 1:].t()), 0, bank.shape[1] - 1).to(torch.int64).reshape(-1)
+    hood = torch.index_select(bank, 1, idx)[:c].t().reshape(-1, k, c)  # [P,k,C]
+    d_hood = torch.sqrt(torch.sum((a.unsqueeze(1) - hood) ** 2, dim=2))  # [P,k]
+    # exp(d*) / sum exp(d_j) = 1 / sum exp(d_j - d*); the clamp keeps a far neighbourhood finite (weight 1)
+    ratio = 1.0 / torch.sum(torch.exp(torch.clamp(d_hood - d_star.unsqueeze(1), max=60.0)), dim=1)
+    return d_star * (1.0 - ratio)
 
 
 class FrozenPatchFeatures:
@@ -162,7 +195,7 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
         super().__init__(cfg, grid, feature_dim=features.channels if cfg.global_gaussian else 0)
         self.features = features
         self.channels = self.features.channels
-        self.knn = NearestNeighbour(cfg.memory_size, self.channels)
+        self.knn = NearestNeighbour(cfg.memory_size, self.channels, cfg.reweight_neighbours)
         self._feats: torch.Tensor | None = None
 
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,11 +220,12 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
         gaussian = {"gaussian": {"optional": True}} if cfg.global_gaussian else {}
         return gaussian | {"memory": {"initializer": MEMORY_INITIALIZER, "features_output": FEATURES_OUTPUT,
                            "capacity": cfg.memory_size, "dim": self.channels, "coreset_ratio": cfg.coreset_ratio,
-                           "projection_dim": cfg.projection_dim or None, "seed": cfg.coreset_seed}}
+                           "projection_dim": cfg.projection_dim or None, "seed": cfg.coreset_seed,
+                           "neighbours": cfg.reweight_neighbours}}
 
     # -- "training" -----------------------------------------------------------------
     def set_memory(self, rows: np.ndarray) -> None:
-        """rows: float32 [C+1, M] (``calibration.memory.memory_matrix``)."""
+        """rows: float32 [C+1(+k), M] (``calibration.memory.memory_matrix``)."""
         buf = self.knn.memory_bank
         if tuple(rows.shape) != tuple(buf.shape):
             raise ValueError(f"memory of shape {list(rows.shape)}, the model holds {list(buf.shape)}")

@@ -96,18 +96,11 @@ def test_reweighted_memory_exports_with_parity_and_refits_torch_free(pc_dataset,
     for key in keys:
         assert np.abs(out[key] - ref[key]).max() <= 1e-4 * max(1.0, np.abs(ref[key]).max()), key
     assert MemorySpec.from_sidecar(read_sidecar(onnx_path)).neighbours == k
-    before = _memory(onnx_path)
     good = tmp_path / "good"
     good.mkdir()
     for p in sorted((pc_dataset / "train" / "good").glob("*.png"))[::2]:
         shutil.copy2(p, good / p.name)
-    r = _torch_free(f"from calibration.field import calibrate\n"
-                    f"import numpy as np\n"
-                    f"res = calibrate({str(onnx_path)!r}, {str(good)!r})\n"
-                    f"np.save({str(tmp_path / 'good_scores.npy')!r}, res.good_scores)\n")
-    assert r.returncode == 0, r.stderr[-2000:]
-    after = _memory(onnx_path)
-    assert after.shape == before.shape and not np.array_equal(after, before)
+    after = _refit_torch_free(onnx_path, good, tmp_path / "good_scores.npy")
     c = model.channels
     rows = int(read_sidecar(onnx_path).provenance["calibration"]["memory"]["rows"])
     np.testing.assert_array_equal(after[c + 1:, :rows].T.astype(np.int64), item_neighbours(after[:c, :rows].T, k))
@@ -197,6 +190,20 @@ def _torch_free(code: str) -> subprocess.CompletedProcess:
     return run_torch_free(code)
 
 
+def _refit_torch_free(onnx_path: Path, good: Path, scores_npy: Path) -> np.ndarray:
+    """``calibration.field.calibrate`` with torch unimportable; saves the good images' reported scores to
+    ``scores_npy`` and returns the new memory initializer (checked to have changed, in the same shape)."""
+    before = _memory(onnx_path)
+    r = _torch_free(f"from calibration.field import calibrate\n"
+                    f"import numpy as np\n"
+                    f"res = calibrate({str(onnx_path)!r}, {str(good)!r})\n"
+                    f"np.save({str(scores_npy)!r}, res.good_scores)\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = _memory(onnx_path)
+    assert after.shape == before.shape and not np.array_equal(after, before)
+    return after
+
+
 def test_onboarding_a_new_product_swaps_the_memory_torch_free_and_scores_as_calibrated(pc_copy, tmp_path):
     from runtime.synthetic import write_dataset
 
@@ -208,15 +215,7 @@ def test_onboarding_a_new_product_swaps_the_memory_torch_free_and_scores_as_cali
     labels = np.array([s.label for s in tests])
     import cv2
 
-    before_mem = _memory(pc_copy)
-    r = _torch_free(f"from calibration.field import calibrate\n"
-                    f"import json, numpy as np\n"
-                    f"res = calibrate({str(pc_copy)!r}, {str(new / 'train' / 'good')!r})\n"
-                    f"np.save({str(tmp_path / 'good_scores.npy')!r}, res.good_scores)\n"
-                    f"print(json.dumps(res.memory))")
-    assert r.returncode == 0, r.stderr[-2000:]
-    after_mem = _memory(pc_copy)
-    assert after_mem.shape == before_mem.shape and not np.array_equal(after_mem, before_mem)
+    after_mem = _refit_torch_free(pc_copy, new / "train" / "good", tmp_path / "good_scores.npy")
     np.testing.assert_allclose(after_mem[-1], (after_mem[:-1].astype(np.float64) ** 2).sum(0), rtol=1e-5)
     sc = read_sidecar(pc_copy)  # hash re-stamped: the model and its sidecar were rewritten together
     assert sc.provenance["calibration"]["memory"]["rows"] == min(256, round(0.1 * 40 * 8 * 8))

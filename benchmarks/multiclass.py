@@ -59,8 +59,9 @@ def class_threshold(blob: dict, name: str) -> float:
     return float((thr.get("per_class") or {}).get(name, thr["image"]))
 
 
-def _evaluate(ckpt: Path, classes: list[str]) -> dict:
-    """Per class: the threshold-free metrics, and the OK/NG figures at the threshold the class is deployed with."""
+def _evaluate(ckpt: Path, classes: list[str]) -> tuple[dict, dict | None]:
+    """Per class: the threshold-free metrics, and the OK/NG figures at the threshold the class is deployed with;
+    and the map smoothing training recorded in the checkpoint (what ``--map-blur auto`` chose)."""
     from train.evaluate import evaluate_model
     from train.loop import load_checkpoint
 
@@ -72,14 +73,7 @@ def _evaluate(ckpt: Path, classes: list[str]) -> dict:
         res[name] = {k: r["image_score"][k] for k in METRICS}
         log.info("%s %s: %s", ckpt.parent.name, name, {k: round(v, 4) for k, v in res[name].items()})
         res[name]["deployed"] = r["deployed"]
-    return res
-
-
-def load_checkpoint_blob(ckpt: Path) -> dict:
-    """The checkpoint's recorded facts (no model built): what smoothing training chose, for the result."""
-    import torch
-
-    return torch.load(ckpt, map_location="cpu", weights_only=True)
+    return res, blob.get("map_smoothing")
 
 
 def _mean(per_class: dict) -> dict:
@@ -225,8 +219,7 @@ def main() -> None:
             continue
         ckpt, secs = _train(classes, work / label, "uniad", args.steps_per_class * n, args, {**uni_kw, **off},
                             args.uniad_map_blur)
-        per = _evaluate(ckpt, classes)
-        smoothing = load_checkpoint_blob(ckpt).get("map_smoothing")
+        per, smoothing = _evaluate(ckpt, classes)
         result[label] = {"switched_off": sorted(off), "steps": args.steps_per_class * n, "train_seconds": secs,
                          "map_smoothing": smoothing,
                          "per_class": per, "mean": _mean(per), "speed": _speed(ckpt, args.speed_repeats) if label == "uniad" else None}
@@ -239,7 +232,7 @@ def main() -> None:
                 continue
             ckpt, s = _train(d, work / f"efficientad_{Path(d).name}", "efficientad_lite", args.steps_per_class, args, {})
             secs += s
-            per.update(_evaluate(ckpt, [d]))
+            per.update(_evaluate(ckpt, [d])[0])
             if speed is None:
                 speed = _speed(ckpt, args.speed_repeats)
                 speed["onnx_bytes_all_classes"] = speed["onnx_bytes"] * n

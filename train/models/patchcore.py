@@ -110,24 +110,32 @@ class NearestNeighbour(nn.Module):
         return reweighted_distance(a, self.memory_bank, self.neighbours).reshape(-1, 1, int(h), int(w))
 
 
+def nearest_column(a: torch.Tensor, bank: torch.Tensor, extra_rows: int = 0) -> torch.Tensor:
+    """a [P,C], bank [C+1+extra_rows, M] (columns ``[b, ||b||^2, ...]``) -> the nearest column of each patch,
+    gathered whole from the initializer itself, [C+1+extra_rows, P].
+
+    The search is one MatMul against the bank as it is stored, ``[-2a, 1, 0...] . column``: rows after the
+    norm (neighbour indices) count for nothing. Callers slice the gathered columns, never the bank (a slice
+    of a constant would be folded into a new, unnamed one)."""
+    query = F.pad(-2.0 * a, (0, 1), value=1.0)
+    if extra_rows:
+        query = F.pad(query, (0, extra_rows), value=0.0)
+    return torch.index_select(bank, 1, torch.argmin(torch.matmul(query, bank), dim=1))
+
+
 def nearest_squared_distance(a: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """a [P,C], bank [C+1,M] (columns ``[b, ||b||^2]``) -> ``||a - b*||^2`` [P] for the nearest column b*.
 
-    The search is one MatMul against the bank as it is stored; the distance is recomputed from the
-    gathered column (see ``NearestNeighbour``). Shared by every graph that holds such a bank."""
-    c = a.shape[1]
-    nearest = torch.argmin(torch.matmul(F.pad(-2.0 * a, (0, 1), value=1.0), bank), dim=1)  # [P]
-    # gather from the initializer itself, then drop the norm row (a slice of a constant would be folded)
-    b = torch.index_select(bank, 1, nearest)[:c].t()  # [P,C]
+    The distance is recomputed from the gathered column (see ``NearestNeighbour``). Shared by every graph
+    that holds such a bank."""
+    b = nearest_column(a, bank)[:a.shape[1]].t()  # [P,C]: the norm row dropped
     return torch.sum((a - b) ** 2, dim=1)
 
 
 def reweighted_distance(a: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     """a [P,C], bank [C+1+k,M] -> PatchCore's reweighted nearest distance [P] (see ``NearestNeighbour``)."""
     c = a.shape[1]
-    query = F.pad(F.pad(-2.0 * a, (0, 1), value=1.0), (0, k), value=0.0)  # the index rows count for nothing
-    nearest = torch.argmin(torch.matmul(query, bank), dim=1)  # [P]
-    col = torch.index_select(bank, 1, nearest)  # [C+1+k, P]
+    col = nearest_column(a, bank, k)  # [C+1+k, P]
     d_star = torch.sqrt(torch.sum((a - col[:c].t()) ** 2, dim=1))  # [P]
     # [P*k]: N_k(b*), b* first; the clamp keeps any memory content a valid index (export traces with
     # placeholder values there, and a damaged refit must not crash a line)
@@ -285,4 +293,4 @@ def patchcore_lite0(image_size=384, **kw) -> PatchCore:
     return build_on_lite(PatchCore, "patchcore_lite0", image_size, "lite0", **kw)
 
 
-__all__ = ["PatchCore", "PatchCoreConfig", "NearestNeighbour", "FrozenPatchFeatures", "nearest_squared_distance", "memory_matrix"]
+__all__ = ["PatchCore", "PatchCoreConfig", "NearestNeighbour", "FrozenPatchFeatures", "nearest_column", "nearest_squared_distance", "memory_matrix"]

@@ -41,6 +41,15 @@ def test_each_distortion_changes_exactly_its_mask(kind):
         for i in range(6):
             w = target[i, mask[i]]
             assert float(w.min()) == float(w.max()) and BLEND_MIN <= float(w[0]) <= 1.0
+    elif kind == "graded":  # one strength per image; the target grows with it and stops at 1
+        from train.models.generalad import GRADED_RANGE
+
+        for i in range(6):
+            w = target[i, mask[i]]
+            assert float(w.min()) == float(w.max()) and GRADED_RANGE[0] <= float(w[0]) <= 1.0
+            if float(w[0]) < 1.0:  # the noise is as strong as the target says (0.25 = noise_std)
+                spread = float((out[i, mask[i]] - tokens[i, mask[i]]).std())
+                assert 0.6 < spread / (0.25 * float(w[0])) < 1.5
     else:
         assert torch.equal(target, mask.float())
     counts = mask.sum(1)

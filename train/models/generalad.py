@@ -38,8 +38,11 @@ from .registry import register_model
 
 log = logging.getLogger(__name__)
 
-DISTORTIONS = ("noise", "shuffle", "copy", "attention", "blend")
+DISTORTIONS = ("noise", "shuffle", "copy", "attention", "blend", "graded")
 BLEND_MIN = 0.25  # weakest blend of a 'blend' pseudo-defect (its target is the blend weight)
+# 'graded' noise: strength u * noise_std per image, u ~ U(GRADED_RANGE); target min(1, u): weaker than noise_std is
+# partly anomalous, so the logit grows with how far a token is pushed instead of flipping at one strength
+GRADED_RANGE = (0.2, 2.0)
 
 
 # ----------------------------------------------------------------------------- config
@@ -209,12 +212,19 @@ def distort(tokens: torch.Tensor, kind: str, grid: tuple[int, int], fraction: tu
 
     The target is the mask, except for 'blend' (a copy-out blended with weight w ~ U(BLEND_MIN, 1) per image):
     there it is w on the masked patches, so the discriminator learns a graded score (a patch half covered by a
-    defect is half as anomalous) instead of a yes/no that paints the defect's whole neighbourhood.
+    defect is half as anomalous) instead of a yes/no that paints the defect's whole neighbourhood; and 'graded'
+    (noise of strength u * noise_std, u ~ U(GRADED_RANGE) per image): there it is min(1, u).
     ``attention`` ([N,L], attention received per token) is needed by kind 'attention' only.
     """
     mask = patch_mask(tokens.shape[0], grid, fraction, gen, tokens.device)
     if kind == "noise":
         return distort_noise(tokens, mask, noise_std, gen), mask, mask.float()
+    if kind == "graded":
+        lo, hi = GRADED_RANGE
+        u = (lo + (hi - lo) * torch.rand(tokens.shape[0], generator=gen)).to(tokens.device)
+        noise = torch.randn(tokens.shape, generator=gen).to(tokens.device, tokens.dtype) * (noise_std * u)[:, None, None]
+        out = torch.where(mask[..., None], tokens + noise, tokens)
+        return out, mask, mask.float() * u.clamp(max=1.0)[:, None]
     if kind == "shuffle":
         return distort_shuffle(tokens, mask, gen), mask, mask.float()
     if kind == "copy":

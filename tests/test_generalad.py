@@ -107,12 +107,13 @@ def test_distort_before_pool_trains_on_the_tokens_the_graph_scores():
     assert bool(soft[1:].any()), "averaging gives the border patches of a pseudo-defect a partial target"
 
 
-def test_tiny_model_trains_and_its_loss_falls(tmp_path, synthetic_root):
+@pytest.mark.parametrize("distortions", ["graded", "noise"])  # the default and the paper's noise
+def test_tiny_model_trains_and_its_loss_falls(tmp_path, synthetic_root, distortions):
     from train.loop import TrainConfig, load_checkpoint, train
 
     cfg = TrainConfig(data=str(synthetic_root), out=str(tmp_path / "run"), model="generalad_lite", image_size=64,
                       steps=40, batch_size=4, seed=0, save_every=0, pretrained=False,
-                      model_kwargs={"hidden": 16, "heads": 2, "distortions": "noise", "learning_rate": 3e-3})
+                      model_kwargs={"hidden": 16, "heads": 2, "distortions": distortions, "learning_rate": 3e-3})
     ckpt = train(cfg)
     model, blob = load_checkpoint(ckpt)
     assert model.family == "generalad" and blob["family"] == "generalad"

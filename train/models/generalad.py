@@ -156,8 +156,11 @@ def patch_mask(n: int, grid: tuple[int, int], fraction: tuple[float, float], gen
     return (ranks < counts[:, None]).to(device)
 
 
-def distort_noise(tokens: torch.Tensor, mask: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of strength ``std`` on the masked tokens."""
+def distort_noise(tokens: torch.Tensor, mask: torch.Tensor, std: float | torch.Tensor,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of strength ``std`` (one number, or one per image [N]) on the masked tokens."""
+    if isinstance(std, torch.Tensor):
+        std = std.to(tokens.device, tokens.dtype)[:, None, None]
     noise = torch.randn(tokens.shape, generator=gen).to(tokens.device, tokens.dtype) * std
     return torch.where(mask[..., None], tokens + noise, tokens)
 
@@ -223,10 +226,8 @@ def distort(tokens: torch.Tensor, kind: str, grid: tuple[int, int], fraction: tu
         return distort_noise(tokens, mask, noise_std, gen), mask, mask.float()
     if kind == "graded":
         lo, hi = GRADED_RANGE
-        u = (lo + (hi - lo) * torch.rand(tokens.shape[0], generator=gen)).to(tokens.device)
-        noise = torch.randn(tokens.shape, generator=gen).to(tokens.device, tokens.dtype) * (noise_std * u)[:, None, None]
-        out = torch.where(mask[..., None], tokens + noise, tokens)
-        return out, mask, mask.float() * u.clamp(max=1.0)[:, None]
+        u = lo + (hi - lo) * torch.rand(tokens.shape[0], generator=gen)
+        return distort_noise(tokens, mask, noise_std * u, gen), mask, mask.float() * u.clamp(max=1.0).to(tokens.device)[:, None]
     if kind == "shuffle":
         return distort_shuffle(tokens, mask, gen), mask, mask.float()
     if kind == "copy":

@@ -114,9 +114,10 @@ def main() -> None:
         payload["efficientad_lite_ort_cpu_batch1"] = ort_ms_per_frame(export_onnx(base, work / "efficientad_speed.onnx"), frame)
     eff = Path(args.efficientad_result)
     e = json.loads(eff.read_text()) if eff.is_file() else {}
-    if "metrics" in e and Path(str(e.get("data", ""))).name != cls:  # another class's numbers are no comparison
+    stored_class = Path(str(e.get("data", ""))).name
+    if "metrics" in e and stored_class != cls:  # another class's numbers are no comparison
         log.warning("stored EfficientAD result %s is for %s, not %s: not attached", eff.name,
-                    Path(str(e.get("data", ""))).name or "an unrecorded class", cls)
+                    stored_class or "an unrecorded class", cls)
     elif "metrics" in e:
         m = e["metrics"].get("puad") or e["metrics"].get("image_score")
         payload["efficientad_lite_stored"] = {"file": eff.name, "steps": e.get("steps"), "batch_size": e.get("batch_size"),

@@ -227,7 +227,8 @@ def distort(tokens: torch.Tensor, kind: str, grid: tuple[int, int], fraction: tu
     if kind == "graded":
         lo, hi = GRADED_RANGE
         u = lo + (hi - lo) * torch.rand(tokens.shape[0], generator=gen)
-        return distort_noise(tokens, mask, noise_std * u, gen), mask, mask.float() * u.clamp(max=1.0).to(tokens.device)[:, None]
+        target = mask.float() * u.clamp(max=1.0).to(tokens.device)[:, None]
+        return distort_noise(tokens, mask, noise_std * u, gen), mask, target
     if kind == "shuffle":
         return distort_shuffle(tokens, mask, gen), mask, mask.float()
     if kind == "copy":

@@ -238,15 +238,18 @@ def main() -> None:
     def save() -> None:
         write_result(name, result)
 
-    runs = ([] if args.skip_uniad else [("uniad", {})]) + [(k, v) for k, v in ABLATIONS.items() if args.ablation is not None and (not args.ablation or k in args.ablation)]
+    wanted = [] if args.ablation is None else (args.ablation or list(ABLATIONS))  # --ablation alone: all
+    ablations = [(k, v) for k, v in ABLATIONS.items() if k in wanted]
+    runs = ([] if args.skip_uniad else [("uniad", {})]) + ablations
     for label, off in runs:
         if label in done:
             continue
         ckpt, secs = _train(classes, work / label, "uniad", args.steps_per_class * n, args, {**uni_kw, **off},
                             args.uniad_map_blur)
         per, smoothing = _evaluate(ckpt, classes)
-        result[label] = {"changed_from_default": dict(sorted(off.items())), "steps": args.steps_per_class * n, "train_seconds": secs,
-                         "map_smoothing": smoothing, "painted_validation": painted_per_class(ckpt, classes, args.image_size, args.seed),
+        painted = painted_per_class(ckpt, classes, args.image_size, args.seed)
+        result[label] = {"changed_from_default": dict(sorted(off.items())), "steps": args.steps_per_class * n,
+                         "train_seconds": secs, "map_smoothing": smoothing, "painted_validation": painted,
                          "per_class": per, "mean": _mean(per), "speed": _speed(ckpt, args.speed_repeats) if label == "uniad" else None}
         save()
     if not args.skip_efficientad:

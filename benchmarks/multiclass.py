@@ -61,33 +61,30 @@ def class_threshold(blob: dict, name: str) -> float:
     return float((thr.get("per_class") or {}).get(name, thr["image"]))
 
 
-def _evaluate(ckpt: Path, classes: list[str]) -> tuple[dict, dict | None]:
+def _evaluate(model, blob: dict, label: str, classes: list[str]) -> tuple[dict, dict | None]:
     """Per class: the threshold-free metrics, and the OK/NG figures at the threshold the class is deployed with;
     and the map smoothing training recorded in the checkpoint (what ``--map-blur auto`` chose)."""
     from train.evaluate import evaluate_model
-    from train.loop import load_checkpoint
 
-    model, blob = load_checkpoint(ckpt)
     res = {}
     for d in classes:
         name = Path(d).name
         r = evaluate_model(model, d, "cpu", threshold=class_threshold(blob, name))
         res[name] = {k: r["image_score"][k] for k in METRICS}
-        log.info("%s %s: %s", ckpt.parent.name, name, {k: round(v, 4) for k, v in res[name].items()})
+        log.info("%s %s: %s", label, name, {k: round(v, 4) for k, v in res[name].items()})
         res[name]["deployed"] = r["deployed"]
     return res, blob.get("map_smoothing")
 
 
-def painted_per_class(ckpt: Path, classes: list[str], image_size: str, seed: int) -> dict:
+def painted_per_class(model, classes: list[str], image_size: str, seed: int) -> dict:
     """Per class: the metrics on that class's held-out validation images plus defects painted on them
     (``train.painted_validation``), and their mean: what a UniAD setting (input size, an option) may be
-    chosen on, never the test split."""
-    from train.loop import TrainConfig, load_checkpoint, load_training_images
+    chosen on, never the test split. The validation split is the one training drew (same data, size, seed)."""
+    from train.loop import TrainConfig, load_training_images
     from train.painted_validation import painted_validation
 
-    model, _ = load_checkpoint(ckpt)
-    imgs = load_training_images(TrainConfig(data=classes, out=str(ckpt.parent), model="uniad",
-                                            image_size=image_size, seed=seed))
+    imgs = load_training_images(TrainConfig(data=classes, out="", model="uniad", image_size=image_size,
+                                            seed=seed))  # reads the images only; nothing is written
     cls = np.asarray(imgs.val_classes)
     per = {}
     for d in classes:
@@ -206,6 +203,7 @@ def main() -> None:
     if not args.data:
         p.error("--data is required (or --merge)")
     from train.cli import parse_model_args
+    from train.loop import load_checkpoint
 
     uni_kw = parse_model_args(args.uniad_arg)
     if args.uniad_map_blur is not None:
@@ -246,8 +244,9 @@ def main() -> None:
             continue
         ckpt, secs = _train(classes, work / label, "uniad", args.steps_per_class * n, args, {**uni_kw, **off},
                             args.uniad_map_blur)
-        per, smoothing = _evaluate(ckpt, classes)
-        painted = painted_per_class(ckpt, classes, args.image_size, args.seed)
+        model, blob = load_checkpoint(ckpt)  # once, for the test splits and the painted validation
+        per, smoothing = _evaluate(model, blob, label, classes)
+        painted = painted_per_class(model, classes, args.image_size, args.seed)
         result[label] = {"changed_from_default": dict(sorted(off.items())), "steps": args.steps_per_class * n,
                          "train_seconds": secs, "map_smoothing": smoothing, "painted_validation": painted,
                          "per_class": per, "mean": _mean(per), "speed": _speed(ckpt, args.speed_repeats) if label == "uniad" else None}

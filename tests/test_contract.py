@@ -92,10 +92,12 @@ def test_export_matches_the_torch_model(artifact, synthetic_root):
     torch_model, _ = load_checkpoint(ckpt)
     model = Model(path)
     frames = model.prepare(_good_frames(synthetic_root, 4))
-    ref = run_outputs(torch_model, frames, "cpu", keys=("image_score", "anomaly_map"))
+    scores = tuple(k for k in ("map_score", "gaussian_score") if k in torch_model.output_names())
+    ref = run_outputs(torch_model, frames, "cpu", keys=("image_score", "anomaly_map") + scores)
     out = model.infer(frames)
     tol = 1e-4  # every family, the memory bank included (its distance is recomputed exactly from the nearest item)
-    np.testing.assert_allclose(out["anomaly_map"], ref["anomaly_map"], rtol=tol, atol=tol)
+    for k in ("anomaly_map",) + scores:  # the scores the image score is made of, each at 1e-4
+        np.testing.assert_allclose(out[k], ref[k], rtol=tol, atol=tol, err_msg=k)
     # image_score = sum((score - centre) * weight): the head multiplies the engines' float32 rounding of the
     # scores by the calibration's weight (1 / the good images' score spread, 23 for a 3-step test model), so the
     # image score is compared in the scores' own units: its difference divided by the largest weight

@@ -120,7 +120,7 @@ def test_multiclass_training_records_classes(tmp_path):
     # settings are chosen per class on painted validation defects, each class on its own held-out images
     from benchmarks.multiclass import painted_per_class
 
-    pv = painted_per_class(ckpt, cfg.data, "64", 0)
+    pv = painted_per_class(model, cfg.data, "64", 0)
     assert pv["board"]["n_good"] == 2 and pv["tray"]["n_good"] == 2 and pv["board"]["n_painted"] > 0
     score = pv["board"]["image_score"]
     assert 0.0 <= score["pixel_auroc"] <= 1.0 and 0.0 <= score["aupro"] <= 1.0

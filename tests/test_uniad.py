@@ -32,6 +32,35 @@ def test_shapes_and_outputs():
     assert m.neighbor_size == 5  # automatic: about half of the 8x8 grid, odd
 
 
+def test_area_resampling_averages_each_grid_cell():
+    m = _model(feature_resample="area", feature_stride=16).eval()
+    x = m.preprocess(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
+    stages = m.features.body(x)
+    assert [tuple(f.shape[-2:]) for f in stages] == [(16, 16), (8, 8), (4, 4)]  # strides 4, 8, 16 at 64 px
+    got = m.features.grid_features(x)
+    c0, c1 = stages[0].shape[1], stages[1].shape[1]
+    torch.testing.assert_close(got[:, :c0], stages[0].reshape(2, c0, 4, 4, 4, 4).mean(dim=(3, 5)))  # 4x4-pixel cells
+    torch.testing.assert_close(got[:, c0:c0 + c1], stages[1].reshape(2, c1, 4, 2, 4, 2).mean(dim=(3, 5)))
+    torch.testing.assert_close(got[:, c0 + c1:], stages[2])
+    # bilinear reads only 2 of every 4 pixels per axis: it differs where the factor is 4 (equal at factor 2)
+    bilinear = _model(feature_stride=16, feature_resample="bilinear").eval().features.grid_features(x)
+    assert not torch.allclose(got[:, :c0], bilinear[:, :c0])
+    torch.testing.assert_close(got[:, c0:], bilinear[:, c0:])
+    with pytest.raises(ValueError, match="bilinear, area"):
+        _model(feature_resample="nearest")
+
+
+def test_checkpoints_from_before_area_resampling_keep_bilinear():
+    from train.models.uniad import UniADConfig
+
+    new = UniADConfig()
+    assert new.feature_resample == "area" and "LEGACY_DEFAULTS" not in new.to_dict()
+    old = new.to_dict()
+    del old["feature_resample"]  # as written before the field existed
+    assert UniADConfig.from_dict(old).feature_resample == "bilinear"
+    assert UniADConfig.from_dict(new.to_dict()).feature_resample == "area"
+
+
 def test_neighbour_mask_matches_its_definition():
     grid, k = (3, 4), 3
     mask = neighbour_mask(grid, k)

@@ -18,6 +18,7 @@ the family file names a family.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -82,6 +83,9 @@ class FamilyConfig:
     map_blur_px: float = 8.0  # smoothing sigma, px at the 256 px reference (0 = off)
     pretrained: bool = True
     extra: dict = field(default_factory=dict)
+    # fields added after checkpoints were written, with the value that reproduces those checkpoints (a new
+    # default may differ: it is for new models, never silently for old ones)
+    LEGACY_DEFAULTS: ClassVar[dict] = {}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +98,8 @@ class FamilyConfig:
         if unknown:
             raise ValueError(f"checkpoint config has unknown fields {unknown} for {cls.__name__}; "
                              "it was written by a newer edgead - upgrade edgead")
+        for k, v in cls.LEGACY_DEFAULTS.items():
+            d.setdefault(k, v)
         for k, v in list(d.items()):
             if isinstance(v, list):
                 d[k] = tuple(v)

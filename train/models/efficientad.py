@@ -184,6 +184,9 @@ class AutoEncoder(nn.Module):
         return self.head(z)
 
 
+RESAMPLE_MODES = ("bilinear", "area")
+
+
 class LiteTeacher(nn.Module):
     """Frozen ImageNet EfficientNet-Lite trunk: chosen stages, resized to one grid, locally averaged (3x3 default).
 
@@ -192,8 +195,11 @@ class LiteTeacher(nn.Module):
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", out_indices=(2, 3), out_size=(32, 32),
-                 pretrained: bool = True, pool: int = 3):
+                 pretrained: bool = True, pool: int = 3, resample: str = "bilinear"):
         super().__init__()
+        if resample not in RESAMPLE_MODES:
+            raise ValueError(f"feature resampling {resample!r}: choose one of {', '.join(RESAMPLE_MODES)}")
+        self.resample = resample
         import timm
 
         if pretrained:
@@ -218,8 +224,20 @@ class LiteTeacher(nn.Module):
 
     def grid_features(self, x: torch.Tensor) -> torch.Tensor:
         """The chosen stages resized to the grid, before local averaging: [N,C,*out_size]."""
-        return torch.cat([F.interpolate(f, size=self.out_size, mode="bilinear", align_corners=False)
-                          for f in self.body(x)], 1)
+        return torch.cat([self.to_grid(f) for f in self.body(x)], 1)
+
+    def to_grid(self, f: torch.Tensor) -> torch.Tensor:
+        """One stage onto the grid. 'area' averages every finer stage over each grid cell (each vector
+        then describes its whole cell; bilinear downsampling reads 2x2 of every k x k pixels and aliases);
+        coarser stages are upsampled bilinearly in both modes."""
+        h, w = f.shape[-2:]
+        oh, ow = self.out_size
+        if self.resample == "area" and (h, w) != (oh, ow) and h >= oh and w >= ow:
+            if h % oh or w % ow:
+                raise ValueError(f"area resampling needs the {w}x{h} feature stage to be a whole multiple of the "
+                                 f"{ow}x{oh} grid; choose an input size divisible by the grid stride")
+            return F.avg_pool2d(f, (h // oh, w // ow))
+        return F.interpolate(f, size=self.out_size, mode="bilinear", align_corners=False)
 
     def local_average(self, feats: torch.Tensor) -> torch.Tensor:
         """The ``pool`` x ``pool`` neighbourhood mean (borders: over the cells inside); identity for pool 1.

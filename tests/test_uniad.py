@@ -33,7 +33,7 @@ def test_shapes_and_outputs():
 
 
 def test_area_resampling_averages_each_grid_cell():
-    m = _model(feature_resample="area", feature_stride=16).eval()
+    m = _model(feature_resample="area", feature_stride=16, out_indices=(1, 2, 3)).eval()
     x = m.preprocess(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
     stages = m.features.body(x)
     assert [tuple(f.shape[-2:]) for f in stages] == [(16, 16), (8, 8), (4, 4)]  # strides 4, 8, 16 at 64 px
@@ -43,7 +43,8 @@ def test_area_resampling_averages_each_grid_cell():
     torch.testing.assert_close(got[:, c0:c0 + c1], stages[1].reshape(2, c1, 4, 2, 4, 2).mean(dim=(3, 5)))
     torch.testing.assert_close(got[:, c0 + c1:], stages[2])
     # bilinear reads only 2 of every 4 pixels per axis: it differs where the factor is 4 (equal at factor 2)
-    bilinear = _model(feature_stride=16, feature_resample="bilinear").eval().features.grid_features(x)
+    bilinear = _model(feature_stride=16, feature_resample="bilinear", out_indices=(1, 2, 3)).eval()
+    bilinear = bilinear.features.grid_features(x)
     assert not torch.allclose(got[:, :c0], bilinear[:, :c0])
     torch.testing.assert_close(got[:, c0:], bilinear[:, c0:])
     with pytest.raises(ValueError, match="bilinear, area"):

@@ -67,6 +67,22 @@ def test_each_distortion_changes_exactly_its_mask(kind):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("position", [True, False])
+def test_position_embedding_switch(position):
+    torch.manual_seed(0)
+    disc = _tiny(position_embedding=position).eval().discriminator
+    with torch.no_grad():
+        if position:  # make the learned positions matter as after training
+            disc.position.normal_(0, 1)
+        tokens = torch.randn(2, 64, disc.embed.in_features)
+        perm = torch.randperm(64)
+        logits, _ = disc(tokens)
+        permuted, _ = disc(tokens[:, perm])
+    # position-blind: permuting the patches permutes their scores, nothing else
+    assert torch.allclose(permuted, logits[:, perm], atol=1e-5) is (not position)
+    assert ("position" in dict(disc.named_parameters())) is position
+
+
 def test_attention_needs_attention_and_bad_names_refused():
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="attention"):
@@ -125,7 +141,8 @@ def test_tiny_model_trains_and_its_loss_falls(tmp_path, synthetic_root, distorti
     assert out["raw_maps"].shape == (2, 1, 8, 8) and out["anomaly_map"].shape == (2, 1, 64, 64)
 
 
-def test_export_parity_with_onnxruntime(tmp_path, synthetic_root):
+@pytest.mark.parametrize("position", [True, False])
+def test_export_parity_with_onnxruntime(tmp_path, synthetic_root, position):
     pytest.importorskip("onnxruntime")
     from export.onnx_export import export_onnx
     from runtime.model import Model
@@ -133,7 +150,7 @@ def test_export_parity_with_onnxruntime(tmp_path, synthetic_root):
 
     cfg = TrainConfig(data=str(synthetic_root), out=str(tmp_path / "run"), model="generalad_lite", image_size=64,
                       steps=5, batch_size=2, seed=0, save_every=0, pretrained=False,
-                      model_kwargs={"hidden": 16, "heads": 2})
+                      model_kwargs={"hidden": 16, "heads": 2, "position_embedding": position})
     ckpt = train(cfg)
     path = export_onnx(ckpt, tmp_path / "model.onnx")
     torch_model, _ = load_checkpoint(ckpt)

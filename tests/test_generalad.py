@@ -50,10 +50,19 @@ def test_each_distortion_changes_exactly_its_mask(kind):
             if float(w[0]) < 1.0:  # the noise is as strong as the target says (0.25 = noise_std)
                 spread = float((out[i, mask[i]] - tokens[i, mask[i]]).std())
                 assert 0.6 < spread / (0.25 * float(w[0])) < 1.5
+    elif kind == "halo":  # strength falls off in space: a blob's rim and the ring around it weaker than its inside
+        for i in range(6):
+            w = target[i, mask[i]]
+            assert len(torch.unique(w)) >= 2 and float(w.max()) <= 1.0
+            weak = mask[i] & (target[i] < 1.0)  # the noise is as strong as the target says (0.25 = noise_std)
+            z = (out[i, weak] - tokens[i, weak]) / (0.25 * target[i, weak])[:, None]
+            assert 0.6 < float(z.std()) < 1.5
     else:
         assert torch.equal(target, mask.float())
     counts = mask.sum(1)
-    assert int(counts.min()) >= round(0.1 * 64) and int(counts.max()) <= round(0.2 * 64)
+    assert int(counts.min()) >= round(0.1 * 64)
+    if kind != "halo":  # the halo adds the ring of tokens around the blob
+        assert int(counts.max()) <= round(0.2 * 64)
     changed = (out != tokens).any(-1)
     assert torch.equal(changed, mask), f"{kind}: changed tokens differ from the mask"
     if kind == "attention":  # the most-attended patches are the distorted ones

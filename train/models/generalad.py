@@ -38,11 +38,14 @@ from .registry import register_model
 
 log = logging.getLogger(__name__)
 
-DISTORTIONS = ("noise", "shuffle", "copy", "attention", "blend", "graded")
+DISTORTIONS = ("noise", "shuffle", "copy", "attention", "blend", "graded", "halo")
 BLEND_MIN = 0.25  # weakest blend of a 'blend' pseudo-defect (its target is the blend weight)
 # 'graded' noise: strength u * noise_std per image, u ~ U(GRADED_RANGE); target min(1, u): weaker than noise_std is
 # partly anomalous, so the logit grows with how far a token is pushed instead of flipping at one strength
 GRADED_RANGE = (0.2, 2.0)
+# 'halo': graded noise whose strength also falls off in space, u * w with w the blob's 3x3 cover of each token (1 deep
+# inside, less on its rim, a little on the ring of tokens just outside): a real defect shifts its neighbours' features
+# a little, and the discriminator should score them a little, not like the defect
 
 
 # ----------------------------------------------------------------------------- config
@@ -163,9 +166,10 @@ def patch_mask(n: int, grid: tuple[int, int], fraction: tuple[float, float], gen
 
 def distort_noise(tokens: torch.Tensor, mask: torch.Tensor, std: float | torch.Tensor,
                   gen: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of strength ``std`` (one number, or one per image [N]) on the masked tokens."""
+    """Gaussian noise of strength ``std`` (one number, one per image [N] or one per token [N,L]) on the masked tokens."""
     if isinstance(std, torch.Tensor):
-        std = std.to(tokens.device, tokens.dtype)[:, None, None]
+        std = std.to(tokens.device, tokens.dtype)
+        std = std[:, None, None] if std.dim() == 1 else std[..., None]
     noise = torch.randn(tokens.shape, generator=gen).to(tokens.device, tokens.dtype) * std
     return torch.where(mask[..., None], tokens + noise, tokens)
 
@@ -234,6 +238,13 @@ def distort(tokens: torch.Tensor, kind: str, grid: tuple[int, int], fraction: tu
         u = lo + (hi - lo) * torch.rand(tokens.shape[0], generator=gen)
         target = mask.float() * u.clamp(max=1.0).to(tokens.device)[:, None]
         return distort_noise(tokens, mask, noise_std * u, gen), mask, target
+    if kind == "halo":
+        lo, hi = GRADED_RANGE
+        u = (lo + (hi - lo) * torch.rand(tokens.shape[0], generator=gen)).to(tokens.device)
+        cover = F.avg_pool2d(mask.float().view(-1, 1, *grid), 3, 1, 1, count_include_pad=False).view_as(mask.float())
+        strength = u[:, None] * cover
+        halo = cover > 0
+        return distort_noise(tokens, halo, noise_std * strength, gen), halo, strength.clamp(max=1.0)
     if kind == "shuffle":
         return distort_shuffle(tokens, mask, gen), mask, mask.float()
     if kind == "copy":

@@ -122,17 +122,18 @@ class Discriminator(nn.Module):
                  position: bool = True):
         super().__init__()
         self.embed = nn.Linear(in_channels, dim)
-        if position:  # learned, one per token: where a patch is; off: attention sees only what the patches are
-            self.position = nn.Parameter(torch.zeros(1, tokens, dim))
+        # learned, one per token: where a patch is; None: attention sees only what the patches are
+        self.position = nn.Parameter(torch.zeros(1, tokens, dim)) if position else None
+        if position:
             nn.init.trunc_normal_(self.position, std=0.02)
-        else:
-            self.register_buffer("position", torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(AttentionBlock(dim, heads, mlp_ratio) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, 1)
 
     def forward(self, tokens: torch.Tensor, need_attention: bool = False):
-        x = self.embed(tokens) + self.position
+        x = self.embed(tokens)
+        if self.position is not None:
+            x = x + self.position
         attn = None
         for i, blk in enumerate(self.blocks):
             x, a = blk(x, need_attention and i == len(self.blocks) - 1)
@@ -241,7 +242,7 @@ def distort(tokens: torch.Tensor, kind: str, grid: tuple[int, int], fraction: tu
     if kind == "halo":
         lo, hi = GRADED_RANGE
         u = (lo + (hi - lo) * torch.rand(tokens.shape[0], generator=gen)).to(tokens.device)
-        cover = F.avg_pool2d(mask.float().view(-1, 1, *grid), 3, 1, 1, count_include_pad=False).view_as(mask.float())
+        cover = F.avg_pool2d(mask.float().view(-1, 1, *grid), 3, 1, 1, count_include_pad=False).view(mask.shape)
         strength = u[:, None] * cover
         halo = cover > 0
         return distort_noise(tokens, halo, noise_std * strength, gen), halo, strength.clamp(max=1.0)

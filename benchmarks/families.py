@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -31,12 +32,13 @@ log = logging.getLogger("benchmarks.families")
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """'name' or 'name:k=v,k=v' -> (name, kwargs); values parsed as JSON when they parse."""
+    """'name' or 'name:k=v,k=v' -> (name, kwargs); values parsed as JSON when they parse (a list value keeps its
+    commas: 'generalad_lite:graded_range=[0.2,8],graded_saturation=8')."""
     from train.cli import parse_key_values
 
     name, _, rest = spec.partition(":")
     bad = f"model spec {spec!r}: write NAME:KEY=VALUE,KEY=VALUE".replace("{", "{{").replace("}", "}}")
-    return name, parse_key_values(filter(None, rest.split(",")), bad)
+    return name, parse_key_values(filter(None, re.split(r",(?![^\[]*\])", rest)), bad)
 
 
 def cpu_speed(onnx_path: Path, iters: int) -> dict:
@@ -54,13 +56,14 @@ def cpu_speed(onnx_path: Path, iters: int) -> dict:
             "model_only_fps": r["model_only_images_per_s"], "iters": iters}
 
 
-def painted_validation(model, cfg, per_image: int = 3) -> dict:
+def painted_validation(model, cfg, threshold: float, per_image: int = 3) -> dict:
     """Metrics on the validation split's good images plus defects painted on them (structural proxies),
     per score: what a default may be chosen on, never the test split."""
     from train.loop import load_training_images
-    from train.painted_validation import painted_validation as score
+    from train.painted_validation import lighting_validation, painted_validation as score
 
-    return score(model, load_training_images(cfg).val, per_image, cfg.seed)
+    val = load_training_images(cfg).val
+    return {**score(model, val, per_image, cfg.seed), "lighting": lighting_validation(model, val, seed=cfg.seed, threshold=threshold)}
 
 
 def run_one(spec: str, data: str, work: Path, args) -> dict:
@@ -78,7 +81,7 @@ def run_one(spec: str, data: str, work: Path, args) -> dict:
     fit_s = time.perf_counter() - t0
     model, blob = load_checkpoint(ckpt)
     metrics = evaluate_model(model, data, "cpu", blob["thresholds"]["image"])
-    painted = painted_validation(model, cfg)
+    painted = painted_validation(model, cfg, blob["thresholds"]["image"])
     onnx_path = export_onnx(ckpt, out / "model.onnx")
     row = {"model": name, "options": kw, "config": blob["config"], "data": str(data), "family": blob["family"],
            "image_size": list(model.cfg.image_size),

@@ -33,6 +33,13 @@ def painted_validation(model, val_frames: np.ndarray, seed: int = 0) -> dict:
             "aupro": r["image_score"]["aupro"], "n_good": r["n_good"], "n_painted": r["n_painted"]}
 
 
+def lighting_validation(model, val_frames: np.ndarray, threshold: float, seed: int = 0) -> dict:
+    """The validation goods under a 10 % darker / brighter light against themselves and the painted defects."""
+    from train.painted_validation import lighting_validation as score
+
+    return score(model, val_frames, per_image=2, seed=seed, threshold=threshold)
+
+
 def ort_ms_per_frame(onnx_path: Path, frame: np.ndarray, iters: int = 30) -> dict:
     """ONNX Runtime CPU latency at batch 1 (graph only: the frame is already at the input size)."""
     from runtime.model import Model
@@ -86,13 +93,15 @@ def main() -> None:
         row = {"distortions": variant, "checkpoint": str(ckpt), "train_seconds": blob["train"]["train_seconds"],
                "total_train_seconds": time.time() - t0,
                "validation_painted": painted_validation(model, val, args.seed),
+               "validation_lighting": lighting_validation(model, val, blob["thresholds"]["image"], args.seed),
                "test": evaluate_model(model, args.data, "cpu")["image_score"]}
         manifest = Path(args.data) / "manifest.json"
         if manifest.is_file():  # synthetic data: mean per-defect AUROC of the structural and the logical defects
             man = json.loads(manifest.read_text())
             row["families"] = {fam: float(np.mean([row["test"]["per_defect_auroc"][d] for d in man[fam]]))
                                for fam in ("structural", "logical")}
-        log.info("%s: val painted %s | test %s", variant, row["validation_painted"],
+        log.info("%s: val painted %s, relit goods %.3f | test %s", variant, row["validation_painted"],
+                 row["validation_lighting"]["image_auroc"],
                  {k: row["test"][k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")})
         rows.append(row)
     best = max(rows, key=lambda r: r["validation_painted"]["image_auroc"] + r["validation_painted"]["pixel_auroc"])

@@ -15,3 +15,13 @@ def test_roofline_counts_the_same_flops_as_the_conv_hooks_and_bounds_are_ordered
     assert f["unfused_images_per_s"] == pytest.approx(2e3 / f["unfused_ms"])
     slower = floors(rows, 2, peak_tflops=100.0, bandwidth_tbs=0.1)
     assert slower["unfused_ms"] > f["unfused_ms"]  # memory-bound operators slow down with the bandwidth
+
+
+def test_families_model_specs_keep_the_commas_of_list_values():
+    from benchmarks.families import parse_spec
+
+    assert parse_spec("patchcore_lite") == ("patchcore_lite", {})
+    assert parse_spec("patchcore_lite:global_gaussian=true,memory_size=1024") == (
+        "patchcore_lite", {"global_gaussian": True, "memory_size": 1024})
+    assert parse_spec("generalad_lite:graded_range=[0.2,8],graded_saturation=8") == (
+        "generalad_lite", {"graded_range": [0.2, 8], "graded_saturation": 8})

@@ -92,6 +92,33 @@ def test_position_embedding_switch(position):
     assert ("position" in dict(disc.named_parameters())) is position
 
 
+def test_wide_graded_range_makes_the_target_proportional_to_the_strength():
+    """graded_range [0.2, 8] with saturation 8: the target is u / 8 and the noise std u * noise_std, u per image."""
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randn(64, 64, 12, generator=gen)
+    out, mask, target = distort(tokens, "graded", GRID, (0.2, 0.3), 0.25, gen, graded=(0.2, 8.0, 8.0))
+    strengths = []
+    for i in range(64):
+        w = target[i, mask[i]]
+        assert float(w.min()) == float(w.max()) and 0.2 / 8 <= float(w[0]) <= 1.0
+        spread = float((out[i, mask[i]] - tokens[i, mask[i]]).std())
+        assert 0.8 < spread / (0.25 * 8 * float(w[0])) < 1.25  # noise std = u * noise_std, u = 8 * target
+        strengths.append(float(w[0]) * 8)
+    assert max(strengths) > 4 and min(strengths) < 2  # the whole range is drawn, not the old (0.2, 2)
+    with pytest.raises(ValueError, match="graded_range"):
+        _tiny(graded_range=[2.0, 1.0])
+
+
+def test_position_blind_checkpoints_with_the_old_zero_buffer_still_load():
+    model = _tiny(position_embedding=False)
+    state = dict(model.state_dict())
+    state["discriminator.position"] = torch.zeros(1, 64, 16)  # what 1177710..dbe2152 wrote
+    model.load_state_dict(model.upgrade_state_dict(state))
+    state["discriminator.position"] = torch.ones(1, 64, 16)
+    with pytest.raises(ValueError, match="position_embedding=false"):
+        model.upgrade_state_dict(state)
+
+
 def test_attention_needs_attention_and_bad_names_refused():
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="attention"):
@@ -110,6 +137,30 @@ def test_generation_step_combines_kinds_and_keeps_clean_images():
     assert torch.equal(tokens[:2], clean[:2]) and not targets[:2].any()
     assert torch.equal((tokens != clean).any(-1), targets > 0)
     assert bool((targets[2:].sum(1) > 0).all())
+
+
+def test_lighting_copies_cache_relit_images_as_normal_with_the_original_statistics():
+    """Each copy is every training image under its own gain; the token statistics stay those of the originals."""
+    from train.data import relit
+    from train.models.generalad import token_cache
+
+    frames = np.random.default_rng(0).integers(40, 200, (4, 64, 64, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    plain = _tiny()
+    base = token_cache(plain, frames, "cpu")
+    torch.manual_seed(0)  # the same random backbone (no pretrained weights in tests)
+    model = _tiny(lighting_copies=2, lighting_gain=0.2)
+    cache = token_cache(model, frames, "cpu", seed=5)
+    assert cache.shape == (12, *base.shape[1:])
+    torch.testing.assert_close(cache[:4], base)  # the images as taken come first, unchanged
+    torch.testing.assert_close(model.token_mean, plain.token_mean)
+    again = relit(frames, 0.2, np.random.default_rng(5))  # the first copy's images
+    with torch.no_grad():
+        torch.testing.assert_close(cache[4:8], model.tokens(model.preprocess(torch.from_numpy(again))), rtol=1e-4, atol=1e-4)
+    ratio = again.astype(float).mean(axis=(1, 2, 3)) / frames.astype(float).mean(axis=(1, 2, 3))
+    assert np.all(np.abs(ratio - 1) <= 0.2 + 1e-2) and np.ptp(ratio) > 0.01  # one gain per image, within the spread
+    with pytest.raises(ValueError, match="lighting_gain"):
+        _tiny(lighting_gain=1.5)
 
 
 def test_distort_before_pool_trains_on_the_tokens_the_graph_scores():

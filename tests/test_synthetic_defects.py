@@ -92,3 +92,24 @@ def test_painted_validation_is_one_labelled_set_scored_per_output(trained, synth
     assert r["n_painted"] == 2 * r["n_good"] and {"map_score", "image_score"} <= set(r)
     for k in ("map_score", "image_score"):
         assert all(0.0 <= r[k][m] <= 1.0 for m in ("image_auroc", "pixel_auroc", "aupro"))
+
+
+def test_lighting_validation_is_painted_validation_with_relit_goods(trained, synthetic_root):
+    """At gain 1 it is exactly painted validation's image AUROC; other gains rescore only the good frames."""
+    from .conftest import IMAGE_SIZE
+    from runtime.dataset import open_dataset
+    from train.data import load_frames, split_train_validation, with_gain
+    from train.loop import load_checkpoint
+    from train.painted_validation import lighting_validation, painted_validation
+
+    model, _ = load_checkpoint(trained)
+    _, val_paths = split_train_validation(open_dataset(synthetic_root, require_test=False), 0)
+    val = load_frames(val_paths, IMAGE_SIZE)
+    same = lighting_validation(model, val, gains=(1.0,), per_image=2, seed=3)
+    assert same["image_auroc"] == pytest.approx(painted_validation(model, val, 2, 3)["image_score"]["image_auroc"])
+    assert same["per_gain"]["1.0"]["vs_goods"] == pytest.approx(0.5)  # relit by 1: the same scores
+    r = lighting_validation(model, val, gains=(0.5, 1.1), per_image=2, seed=3, threshold=-np.inf)
+    assert set(r["per_gain"]) == {"0.5", "1.1"} and r["n_painted"] == 2 * r["n_good"]
+    assert r["image_auroc"] == pytest.approx(np.mean([g["vs_painted"] for g in r["per_gain"].values()]))
+    assert all(g["false_alarm_rate"] == 1.0 for g in r["per_gain"].values())  # every score is above -inf
+    assert np.array_equal(with_gain(np.full((1, 2, 2, 3), 200, np.uint8), 1.5), np.full((1, 2, 2, 3), 255, np.uint8))

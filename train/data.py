@@ -65,6 +65,17 @@ def color_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return y.clamp(0, 255)
 
 
+def with_gain(frames: np.ndarray, gain: float | np.ndarray) -> np.ndarray:
+    """uint8 frames [N,H,W,C] with their intensity scaled by ``gain`` (one number, or [N,1,1,1]), clipped."""
+    return np.clip(np.rint(frames.astype(np.float32) * np.float32(gain) if np.isscalar(gain)
+                           else frames.astype(np.float32) * gain.astype(np.float32)), 0, 255).astype(np.uint8)
+
+
+def relit(frames: np.ndarray, spread: float, rng: np.random.Generator) -> np.ndarray:
+    """uint8 frames [N,H,W,C] under another light: each scaled by its own gain ~ U(1 - spread, 1 + spread)."""
+    return with_gain(frames, rng.uniform(1.0 - spread, 1.0 + spread, size=(len(frames), 1, 1, 1)))
+
+
 def penalty_images(x: torch.Tensor, gen: torch.Generator, share: BatchShare | None = None) -> torch.Tensor:
     """Stand-in for the paper's ImageNet penalty images (none here): strongly altered frames.
 

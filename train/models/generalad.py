@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import distributed
 from ..batch_share import BatchShare, mean_loss_sum
+from ..data import relit
 from .base import AnomalyModel, ExportPolicy, FamilyConfig, parse_hw
 from .efficientad import LiteTeacher
 from .registry import register_model
@@ -43,6 +44,7 @@ BLEND_MIN = 0.25  # weakest blend of a 'blend' pseudo-defect (its target is the 
 # 'graded' noise: strength u * noise_std per image, u ~ U(GRADED_RANGE); target min(1, u): weaker than noise_std is
 # partly anomalous, so the logit grows with how far a token is pushed instead of flipping at one strength
 GRADED_RANGE = (0.2, 2.0)
+GRADED_SATURATION = 1.0  # the strength u at and above which a graded token's target is 1
 # 'halo': graded noise whose strength also falls off in space, u * w with w the blob's 3x3 cover of each token (1 deep
 # inside, less on its rim, a little on the ring of tokens just outside): a real defect shifts its neighbours' features
 # a little, and the discriminator should score them a little, not like the defect
@@ -69,11 +71,20 @@ class GeneralADConfig(FamilyConfig):
     # real; docs/generalad.md). Test splits only report.
     distortions: str = "graded"
     noise_std: float = 0.25  # Gaussian noise strength, in units of the z-scored features' std
+    # 'graded' / 'halo': strength u * noise_std, u ~ U(graded_range); target min(1, u / graded_saturation). A wide range
+    # with the saturation at its top makes the logit a regression of how far a token is pushed over the whole range
+    graded_range: tuple[float, float] = GRADED_RANGE
+    graded_saturation: float = GRADED_SATURATION
     distort_fraction: tuple[float, float] = (0.02, 0.25)  # fraction of patches distorted per image
     clean_fraction: float = 0.25  # share of each batch left undistorted (all-negative targets)
     # distort the backbone grid BEFORE its local averaging (``pool``), then average: a pseudo-defect then has the
     # soft borders a real one has after averaging; distorted after it, its sharp token borders give it away
     distort_before_pool: bool = False
+    # extra cached copies of every training image under another light (gain ~ U(1 -/+ lighting_gain) per copy and
+    # image), trained on as normal: a line whose light drifts should not look defective (MVTec screw's good test
+    # images are 7 % darker than its training images)
+    lighting_copies: int = 0
+    lighting_gain: float = 0.15
     learning_rate: float = 1e-3  # Adam, discriminator only (TrainConfig.lr is EfficientAD's 1e-4: too slow here)
     map_blur_px: float = 4.0
 
@@ -221,31 +232,32 @@ def attention_mask(attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def distort(tokens: torch.Tensor, kind: str, grid: tuple[int, int], fraction: tuple[float, float], noise_std: float,
-            gen: torch.Generator, attention: torch.Tensor | None = None
+            gen: torch.Generator, attention: torch.Tensor | None = None,
+            graded: tuple[float, float, float] = (*GRADED_RANGE, GRADED_SATURATION),
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens [N,L,C] -> (distorted tokens, exact patch mask [N,L] bool, training target [N,L] float).
 
     The target is the mask, except for 'blend' (a copy-out blended with weight w ~ U(BLEND_MIN, 1) per image):
     there it is w on the masked patches, so the discriminator learns a graded score (a patch half covered by a
     defect is half as anomalous) instead of a yes/no that paints the defect's whole neighbourhood; and 'graded'
-    (noise of strength u * noise_std, u ~ U(GRADED_RANGE) per image): there it is min(1, u).
+    (noise of strength u * noise_std, u ~ U(lo, hi) per image, ``graded`` = (lo, hi, saturation)): there it is
+    min(1, u / saturation).
     ``attention`` ([N,L], attention received per token) is needed by kind 'attention' only.
     """
     mask = patch_mask(tokens.shape[0], grid, fraction, gen, tokens.device)
     if kind == "noise":
         return distort_noise(tokens, mask, noise_std, gen), mask, mask.float()
+    lo, hi, saturation = graded
     if kind == "graded":
-        lo, hi = GRADED_RANGE
         u = lo + (hi - lo) * torch.rand(tokens.shape[0], generator=gen)
-        target = mask.float() * u.clamp(max=1.0).to(tokens.device)[:, None]
+        target = mask.float() * (u / saturation).clamp(max=1.0).to(tokens.device)[:, None]
         return distort_noise(tokens, mask, noise_std * u, gen), mask, target
     if kind == "halo":
-        lo, hi = GRADED_RANGE
         u = (lo + (hi - lo) * torch.rand(tokens.shape[0], generator=gen)).to(tokens.device)
         cover = F.avg_pool2d(mask.float().view(-1, 1, *grid), 3, 1, 1, count_include_pad=False).view(mask.shape)
         strength = u[:, None] * cover
         halo = cover > 0
-        return distort_noise(tokens, halo, noise_std * strength, gen), halo, strength.clamp(max=1.0)
+        return distort_noise(tokens, halo, noise_std * strength, gen), halo, (strength / saturation).clamp(max=1.0)
     if kind == "shuffle":
         return distort_shuffle(tokens, mask, gen), mask, mask.float()
     if kind == "copy":
@@ -280,6 +292,13 @@ class GeneralAD(AnomalyModel):
         if cfg.stride not in (8, 16):
             raise ValueError(f"token stride {cfg.stride}: choose 8 or 16")
         parse_distortions(cfg.distortions)
+        lo, hi = map(float, cfg.graded_range)
+        if not 0 < lo <= hi or float(cfg.graded_saturation) <= 0:
+            raise ValueError(f"graded_range {list(cfg.graded_range)} / graded_saturation {cfg.graded_saturation}: "
+                             "give 0 < lo <= hi and a positive saturation, e.g. graded_range=[0.2,8] graded_saturation=8")
+        if int(cfg.lighting_copies) < 0 or not 0 <= float(cfg.lighting_gain) < 1:
+            raise ValueError(f"lighting_copies {cfg.lighting_copies} / lighting_gain {cfg.lighting_gain}: give copies >= 0 "
+                             "and a gain spread in [0, 1), e.g. lighting_copies=3 lighting_gain=0.15")
         h, w = cfg.image_size
         grid = (h // cfg.stride, w // cfg.stride)
         super().__init__(cfg, grid)
@@ -291,6 +310,16 @@ class GeneralAD(AnomalyModel):
         self.register_buffer("token_std", torch.ones(1, c, 1, 1))
         self.discriminator = Discriminator(c, grid[0] * grid[1], cfg.hidden, cfg.heads, cfg.layers, cfg.mlp_ratio,
                                            cfg.position_embedding)
+
+    def upgrade_state_dict(self, state: dict) -> dict:
+        """Position-blind checkpoints of 1177710..dbe2152 stored a zero position buffer; it added nothing, drop it."""
+        key = "discriminator.position"
+        if self.discriminator.position is None and key in state:
+            if bool(state[key].abs().max() > 0):
+                raise ValueError(f"checkpoint holds a non-zero {key} but says position_embedding=false: "
+                                 "it is damaged or edited; retrain it")
+            state = {k: v for k, v in state.items() if k != key}
+        return state
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed [N,3,H,W] -> z-scored frozen patch tokens [N,L,C] (row-major over the grid)."""
@@ -326,20 +355,32 @@ def _batches(frames: np.ndarray, batch: int):
 
 
 @torch.no_grad()
-def token_cache(model: GeneralAD, frames: np.ndarray, device: str) -> torch.Tensor:
-    """Fit the per-channel token statistics, then return every training image's z-scored tokens [N,L,C].
+def token_cache(model: GeneralAD, frames: np.ndarray, device: str, seed: int = 0) -> torch.Tensor:
+    """Fit the per-channel token statistics, then return every training image's z-scored tokens [N,L,C]
+    (followed by ``lighting_copies`` relit copies of them, [(1 + copies) N, L, C]).
 
     The backbone is frozen and the distortions act on tokens, so the backbone runs once per image. With
     ``distort_before_pool`` the cached tokens are the grid before local averaging (z-scored with the averaged
     tokens' statistics, which the graph uses: averaging commutes with the z-score), averaged after distortion."""
     back = model.backbone
-    grid = torch.cat([back.grid_features(model.preprocess(torch.from_numpy(b).to(device))).float()
-                      for b in _batches(frames, 16)])
+
+    def grid_of(images: np.ndarray) -> torch.Tensor:
+        return torch.cat([back.grid_features(model.preprocess(torch.from_numpy(b).to(device))).float()
+                          for b in _batches(images, 16)])
+
+    def tokens_of(grid: torch.Tensor) -> torch.Tensor:
+        keep = grid if model.cfg.distort_before_pool else back.local_average(grid)
+        return ((keep - model.token_mean) / model.token_std).flatten(2).transpose(1, 2).contiguous()
+
+    grid = grid_of(frames)
     feats = back.local_average(grid)
     model.token_mean.copy_(feats.mean(dim=(0, 2, 3)).view_as(model.token_mean))
     model.token_std.copy_(feats.std(dim=(0, 2, 3)).clamp(min=1e-6).view_as(model.token_std))
-    keep = grid if model.cfg.distort_before_pool else feats
-    return ((keep - model.token_mean) / model.token_std).flatten(2).transpose(1, 2).contiguous()
+    cache = [tokens_of(grid)]
+    rng = np.random.default_rng(seed)
+    for _ in range(int(model.cfg.lighting_copies)):  # the statistics stay those of the images as taken
+        cache.append(tokens_of(grid_of(relit(frames, float(model.cfg.lighting_gain), rng))))
+    return torch.cat(cache)
 
 
 def generation_step(model: GeneralAD, clean: torch.Tensor, kinds: tuple[str, ...],
@@ -361,6 +402,7 @@ def generation_step(model: GeneralAD, clean: torch.Tensor, kinds: tuple[str, ...
             _, attention = model.score_tokens(pooled(clean), need_attention=True)
             attention = attention.float()
     frac = tuple(cfg.distort_fraction)
+    graded = (*map(float, cfg.graded_range), float(cfg.graded_saturation))
     for k, kind in enumerate(kinds):
         rows = torch.nonzero(choice == k).squeeze(1)
         rows = rows[rows >= n_clean]
@@ -370,10 +412,10 @@ def generation_step(model: GeneralAD, clean: torch.Tensor, kinds: tuple[str, ...
         src = clean if kind in ("copy", "blend") else clean[rows]
         att = None if attention is None else attention[rows]
         if kind in ("copy", "blend"):
-            d, _, t = distort(src, kind, model.grid, frac, cfg.noise_std, gen)
+            d, _, t = distort(src, kind, model.grid, frac, cfg.noise_std, gen, graded=graded)
             tokens[rows], targets[rows] = d[rows], t[rows]
         else:
-            d, _, t = distort(src, kind, model.grid, frac, cfg.noise_std, gen, att)
+            d, _, t = distort(src, kind, model.grid, frac, cfg.noise_std, gen, att, graded=graded)
             tokens[rows], targets[rows] = d, t
     if cfg.distort_before_pool:
         return pooled(tokens), pooled(targets[..., None])[..., 0]
@@ -415,7 +457,7 @@ def fit_generalad(model: GeneralAD, fit_frames: np.ndarray, train_cfg, device: s
     ctx = distributed.context()
     t0 = time.time()
     kinds = parse_distortions(model.cfg.distortions)
-    cache = token_cache(model, fit_frames, device)
+    cache = token_cache(model, fit_frames, device, int(train_cfg.seed))
     gen = torch.Generator().manual_seed(int(train_cfg.seed))
     opt = torch.optim.Adam(model.discriminator.parameters(), lr=float(model.cfg.learning_rate),
                            weight_decay=float(train_cfg.weight_decay))

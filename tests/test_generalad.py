@@ -146,7 +146,7 @@ def test_lighting_copies_cache_relit_images_as_normal_with_the_original_statisti
 
     frames = np.random.default_rng(0).integers(40, 200, (4, 64, 64, 3), dtype=np.uint8)
     torch.manual_seed(0)
-    plain = _tiny()
+    plain = _tiny(lighting_copies=0)
     base = token_cache(plain, frames, "cpu")
     torch.manual_seed(0)  # the same random backbone (no pretrained weights in tests)
     model = _tiny(lighting_copies=2, lighting_gain=0.2)
@@ -168,7 +168,7 @@ def test_distort_before_pool_trains_on_the_tokens_the_graph_scores():
     pseudo-defects are averaged with it and their targets become the distorted share of each neighbourhood."""
     from train.models.generalad import token_cache
 
-    model = _tiny(distort_before_pool=True, clean_fraction=0.25, distortions="noise,copy")
+    model = _tiny(distort_before_pool=True, clean_fraction=0.25, distortions="noise,copy", lighting_copies=0)
     frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     cache = token_cache(model, frames, "cpu")
     with torch.no_grad():

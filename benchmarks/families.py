@@ -63,7 +63,8 @@ def painted_validation(model, cfg, threshold: float, per_image: int = 3) -> dict
     from train.painted_validation import lighting_validation, painted_validation as score
 
     val = load_training_images(cfg).val
-    return {**score(model, val, per_image, cfg.seed), "lighting": lighting_validation(model, val, seed=cfg.seed, threshold=threshold)}
+    relit = lighting_validation(model, val, seed=cfg.seed, threshold=threshold)
+    return {**score(model, val, per_image, cfg.seed), "lighting": relit}
 
 
 def run_one(spec: str, data: str, work: Path, args) -> dict:

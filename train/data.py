@@ -67,8 +67,8 @@ def color_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def with_gain(frames: np.ndarray, gain: float | np.ndarray) -> np.ndarray:
     """uint8 frames [N,H,W,C] with their intensity scaled by ``gain`` (one number, or [N,1,1,1]), clipped."""
-    return np.clip(np.rint(frames.astype(np.float32) * np.float32(gain) if np.isscalar(gain)
-                           else frames.astype(np.float32) * gain.astype(np.float32)), 0, 255).astype(np.uint8)
+    scaled = frames.astype(np.float32) * np.asarray(gain, dtype=np.float32)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def relit(frames: np.ndarray, spread: float, rng: np.random.Generator) -> np.ndarray:

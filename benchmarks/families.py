@@ -60,11 +60,10 @@ def painted_validation(model, cfg, threshold: float, per_image: int = 3) -> dict
     """Metrics on the validation split's good images plus defects painted on them (structural proxies),
     per score: what a default may be chosen on, never the test split."""
     from train.loop import load_training_images
-    from train.painted_validation import lighting_validation, painted_validation as score
+    from train.painted_validation import LIGHT_GAINS, painted_validation as score
 
-    val = load_training_images(cfg).val
-    relit = lighting_validation(model, val, seed=cfg.seed, threshold=threshold)
-    return {**score(model, val, per_image, cfg.seed), "lighting": relit}
+    return score(model, load_training_images(cfg).val, per_image, cfg.seed, light_gains=LIGHT_GAINS,
+                 threshold=threshold)
 
 
 def run_one(spec: str, data: str, work: Path, args) -> dict:

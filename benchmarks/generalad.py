@@ -24,20 +24,15 @@ from benchmarks.common import RESULTS, write_result
 log = logging.getLogger("benchmarks.generalad")
 
 
-def painted_validation(model, val_frames: np.ndarray, seed: int = 0) -> dict:
-    """Image/pixel AUROC of the deployed image score on validation good frames plus 2 painted defects each."""
-    from train.painted_validation import painted_validation as score
+def painted_validation(model, val_frames: np.ndarray, threshold: float, seed: int = 0) -> tuple[dict, dict]:
+    """Image/pixel AUROC of the deployed image score on validation good frames plus 2 painted defects each, and
+    those goods under a 10 % darker / brighter light against themselves and the painted defects."""
+    from train.painted_validation import LIGHT_GAINS, painted_validation as score
 
-    r = score(model, val_frames, per_image=2, seed=seed)
-    return {"image_auroc": r["image_score"]["image_auroc"], "pixel_auroc": r["image_score"]["pixel_auroc"],
-            "aupro": r["image_score"]["aupro"], "n_good": r["n_good"], "n_painted": r["n_painted"]}
-
-
-def lighting_validation(model, val_frames: np.ndarray, threshold: float, seed: int = 0) -> dict:
-    """The validation goods under a 10 % darker / brighter light against themselves and the painted defects."""
-    from train.painted_validation import lighting_validation as score
-
-    return score(model, val_frames, per_image=2, seed=seed, threshold=threshold)
+    r = score(model, val_frames, per_image=2, seed=seed, light_gains=LIGHT_GAINS, threshold=threshold)
+    painted = {"image_auroc": r["image_score"]["image_auroc"], "pixel_auroc": r["image_score"]["pixel_auroc"],
+               "aupro": r["image_score"]["aupro"], "n_good": r["n_good"], "n_painted": r["n_painted"]}
+    return painted, r["lighting"]
 
 
 def ort_ms_per_frame(onnx_path: Path, frame: np.ndarray, iters: int = 30) -> dict:
@@ -90,10 +85,10 @@ def main() -> None:
         ckpt = train(cfg)
         model, blob = load_checkpoint(ckpt)
         val = load_training_images(cfg).val
+        painted, lighting = painted_validation(model, val, blob["thresholds"]["image"], args.seed)
         row = {"distortions": variant, "checkpoint": str(ckpt), "train_seconds": blob["train"]["train_seconds"],
                "total_train_seconds": time.time() - t0,
-               "validation_painted": painted_validation(model, val, args.seed),
-               "validation_lighting": lighting_validation(model, val, blob["thresholds"]["image"], args.seed),
+               "validation_painted": painted, "validation_lighting": lighting,
                "test": evaluate_model(model, args.data, "cpu")["image_score"]}
         manifest = Path(args.data) / "manifest.json"
         if manifest.is_file():  # synthetic data: mean per-defect AUROC of the structural and the logical defects

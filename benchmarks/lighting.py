@@ -5,7 +5,7 @@
 For each checkpoint, on the validation split of ``--data`` (the split training used, from ``--seed``):
 painted validation (image / pixel AUROC, AUPRO of good frames plus painted defects) and relit-goods validation
 (the good frames 10 % darker and 10 % brighter against themselves as taken and against the painted defects, and
-their false-alarm rate at the checkpoint's calibrated threshold: ``train.painted_validation.lighting_validation``).
+their false-alarm rate at the checkpoint's calibrated threshold: ``train.painted_validation.relit_goods``).
 Only validation images: this may choose a setting. The test split is never read.
 """
 from __future__ import annotations
@@ -20,15 +20,16 @@ log = logging.getLogger("benchmarks.lighting")
 
 
 def validate(checkpoint: str, data: str, seed: int, per_image: int) -> dict:
-    from train.loop import TrainConfig, load_checkpoint, load_training_images
-    from train.painted_validation import lighting_validation, painted_validation
+    from runtime.dataset import open_dataset
+    from train.data import load_frames, split_train_validation
+    from train.loop import load_checkpoint
+    from train.painted_validation import LIGHT_GAINS, painted_validation
 
     model, blob = load_checkpoint(checkpoint)
-    h, w = model.cfg.image_size
-    cfg = TrainConfig(data=data, out="", image_size=f"{w}x{h}", fit=blob.get("fit", "stretch"), seed=seed)
-    val = load_training_images(cfg).val
-    painted = painted_validation(model, val, per_image, seed)["image_score"]
-    relit = lighting_validation(model, val, per_image=per_image, seed=seed, threshold=blob["thresholds"]["image"])
+    _, val_paths = split_train_validation(open_dataset(data, require_test=False), seed)
+    val = load_frames(val_paths, tuple(model.cfg.image_size), "validation images", blob.get("fit", "stretch"))
+    r = painted_validation(model, val, per_image, seed, light_gains=LIGHT_GAINS, threshold=blob["thresholds"]["image"])
+    painted, relit = r["image_score"], r["lighting"]
     log.info("%s: painted image / pixel AUROC %.3f / %.3f, relit goods %.3f", checkpoint, painted["image_auroc"],
              painted["pixel_auroc"], relit["image_auroc"])
     return {"checkpoint": str(checkpoint), "config": blob["config"], "painted": painted, "relit_goods": relit}

@@ -100,15 +100,17 @@ def test_lighting_validation_is_painted_validation_with_relit_goods(trained, syn
     from runtime.dataset import open_dataset
     from train.data import load_frames, split_train_validation, with_gain
     from train.loop import load_checkpoint
-    from train.painted_validation import lighting_validation, painted_validation
+    from train.painted_validation import painted_validation
 
     model, _ = load_checkpoint(trained)
     _, val_paths = split_train_validation(open_dataset(synthetic_root, require_test=False), 0)
     val = load_frames(val_paths, IMAGE_SIZE)
-    same = lighting_validation(model, val, gains=(1.0,), per_image=2, seed=3)
-    assert same["image_auroc"] == pytest.approx(painted_validation(model, val, 2, 3)["image_score"]["image_auroc"])
+    plain = painted_validation(model, val, 2, 3)
+    assert "lighting" not in plain
+    same = painted_validation(model, val, 2, 3, light_gains=(1.0,))["lighting"]
+    assert same["image_auroc"] == pytest.approx(plain["image_score"]["image_auroc"])
     assert same["per_gain"]["1.0"]["vs_goods"] == pytest.approx(0.5)  # relit by 1: the same scores
-    r = lighting_validation(model, val, gains=(0.5, 1.1), per_image=2, seed=3, threshold=-np.inf)
+    r = painted_validation(model, val, 2, 3, light_gains=(0.5, 1.1), threshold=-np.inf)["lighting"]
     assert set(r["per_gain"]) == {"0.5", "1.1"} and r["n_painted"] == 2 * r["n_good"]
     assert r["image_auroc"] == pytest.approx(np.mean([g["vs_painted"] for g in r["per_gain"].values()]))
     assert all(g["false_alarm_rate"] == 1.0 for g in r["per_gain"].values())  # every score is above -inf

@@ -30,9 +30,11 @@ def painted_set(val_frames: np.ndarray, per_image: int = DEFECTS_PER_IMAGE,
 
 
 def painted_validation(model, val_frames: np.ndarray, per_image: int = DEFECTS_PER_IMAGE, seed: int = 0,
-                       device: str = "cpu") -> dict:
+                       device: str = "cpu", light_gains: tuple[float, ...] = (), threshold: float | None = None) -> dict:
     """Image AUROC, pixel AUROC and AUPRO of the model's deployed outputs on the painted set, per image
-    score it emits (``map_score``, ``image_score``); plus the set's size."""
+    score it emits (``map_score``, ``image_score``); plus the set's size. With ``light_gains`` (e.g.
+    ``LIGHT_GAINS``) also ``lighting``: the good frames relit by each gain, scored against the same painted set
+    (``relit_goods``; ``threshold``, the calibrated image threshold, adds their false-alarm rate)."""
     from .loop import run_outputs
 
     frames, labels, gt = painted_set(val_frames, per_image, seed)
@@ -42,25 +44,26 @@ def painted_validation(model, val_frames: np.ndarray, per_image: int = DEFECTS_P
     for k in keys:
         sc = evaluate(labels, out[k], gt, out["anomaly_map"][:, 0])
         rows[k] = {"image_auroc": sc.image_auroc, "pixel_auroc": sc.pixel_auroc, "aupro": sc.aupro}
-    return {"n_good": int(len(val_frames)), "n_painted": int(len(frames) - len(val_frames)), **rows}
+    result = {"n_good": int(len(val_frames)), "n_painted": int(len(frames) - len(val_frames)), **rows}
+    if light_gains:
+        scores = out["image_score"]
+        result["lighting"] = relit_goods(model, val_frames, scores[labels == 0], scores[labels == 1], light_gains,
+                                         device, threshold)
+    return result
 
 
-def lighting_validation(model, val_frames: np.ndarray, gains: tuple[float, ...] = LIGHT_GAINS,
-                        per_image: int = DEFECTS_PER_IMAGE, seed: int = 0, device: str = "cpu",
-                        threshold: float | None = None) -> dict:
+def relit_goods(model, val_frames: np.ndarray, as_taken: np.ndarray, painted: np.ndarray,
+                gains: tuple[float, ...], device: str = "cpu", threshold: float | None = None) -> dict:
     """Would a change of light look like a defect? Per gain, on the good validation frames with their intensity
-    scaled by it: ``vs_goods`` = image AUROC of the relit goods against the same goods as taken (0.5: light alone
-    moves no score; 1: every relit good part scores above every unchanged one); ``vs_painted`` = image AUROC of the
-    painted defects (light as trained) against the relit goods; with ``threshold`` (the calibrated image
-    threshold), the relit goods' false-alarm rate. Painted validation cannot see this: its goods share the
-    training images' light. ``image_auroc`` is the mean of ``vs_painted`` (higher is better)."""
+    scaled by it: ``vs_goods`` = image AUROC of the relit goods against the same goods as taken (``as_taken``, their
+    image scores; 0.5: light alone moves no score, 1: every relit good part scores above every unchanged one);
+    ``vs_painted`` = image AUROC of the painted defects (``painted``, their image scores, light as trained) against
+    the relit goods; with ``threshold``, the relit goods' false-alarm rate. Painted validation alone cannot see this:
+    its goods share the training images' light. ``image_auroc`` is the mean of ``vs_painted`` (higher is better)."""
     from .data import with_gain
     from .loop import run_outputs
 
-    frames, labels, _ = painted_set(val_frames, per_image, seed)
     key = "image_score"
-    scores = run_outputs(model, frames, device, keys=(key,))[key]
-    as_taken, painted = scores[labels == 0], scores[labels == 1]
     per_gain = {}
     for g in gains:
         relit = run_outputs(model, with_gain(val_frames, g), device, keys=(key,))[key]

@@ -91,8 +91,8 @@ def main() -> None:
                "validation_painted": painted, "validation_lighting": lighting,
                "test": evaluate_model(model, args.data, "cpu")["image_score"]}
         manifest = Path(args.data) / "manifest.json"
-        if manifest.is_file():  # synthetic data: mean per-defect AUROC of the structural and the logical defects
-            man = json.loads(manifest.read_text())
+        man = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        if "structural" in man and "logical" in man:  # runtime.synthetic data: mean per-defect AUROC of each kind
             row["families"] = {fam: float(np.mean([row["test"]["per_defect_auroc"][d] for d in man[fam]]))
                                for fam in ("structural", "logical")}
         log.info("%s: val painted %s, relit goods %.3f | test %s", variant, row["validation_painted"],

@@ -89,7 +89,9 @@ def main() -> None:
         row = {"distortions": variant, "checkpoint": str(ckpt), "train_seconds": blob["train"]["train_seconds"],
                "total_train_seconds": time.time() - t0,
                "validation_painted": painted, "validation_lighting": lighting,
-               "test": evaluate_model(model, args.data, "cpu")["image_score"]}
+               "test": evaluate_model(model, args.data, "cpu", blob["thresholds"]["image"])}
+        row["deployed"] = row["test"].pop("deployed")  # OK/NG at the calibrated threshold: false alarms, misses
+        row["test"] = row["test"]["image_score"]
         manifest = Path(args.data) / "manifest.json"
         man = json.loads(manifest.read_text()) if manifest.is_file() else {}
         if "structural" in man and "logical" in man:  # runtime.synthetic data: mean per-defect AUROC of each kind

@@ -109,6 +109,15 @@ def test_wide_graded_range_makes_the_target_proportional_to_the_strength():
         _tiny(graded_range=[2.0, 1.0])
 
 
+def test_fine_preset_is_generalad_lite_at_384_px_with_the_wide_graded_range():
+    """generalad_lite_fine: the settings its documented bottle figures were measured with; any of them overridable."""
+    m = create_model("generalad_lite_fine", pretrained=False)
+    assert (m.cfg.height, m.cfg.width) == (384, 384) and m.family == create_model("generalad_lite", pretrained=False).family
+    assert tuple(m.cfg.graded_range) == (0.2, 8.0) and m.cfg.graded_saturation == 8.0 and m.cfg.lighting_copies == 3
+    m = create_model("generalad_lite_fine", image_size="256x128", graded_range=[0.2, 4], pretrained=False)
+    assert (m.cfg.height, m.cfg.width) == (128, 256) and tuple(m.cfg.graded_range) == (0.2, 4.0)
+
+
 def test_position_blind_checkpoints_with_the_old_zero_buffer_still_load():
     model = _tiny(position_embedding=False)
     state = dict(model.state_dict())

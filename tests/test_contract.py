@@ -38,15 +38,10 @@ FAMILY_CASES = {
 def _registered_cases() -> list[str]:
     from train.models import list_models
 
-    families_seen = set()
-    cases = []
-    for name in list_models():
-        if name in ("efficientad_s", "efficientad_m"):  # same family as efficientad_lite, paper-size networks
-            continue
-        if name == "generalad_lite_fine":  # generalad_lite with other defaults (size, graded range): same graph
-            continue
-        cases.append(name)
-        families_seen.add(name)
+    # other sizes of a family whose lite model is a case: efficientad_s/m (paper-size networks), generalad_lite_fine
+    # (generalad_lite with another input size and graded range: the same graph)
+    variants = ("efficientad_s", "efficientad_m", "generalad_lite_fine")
+    cases = [name for name in list_models() if name not in variants]
     cases += [c for c in FAMILY_CASES if c not in cases]
     return cases
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from train.models import create_model
-from train.models.generalad import DISTORTIONS, distort, generation_step, parse_distortions, patch_mask
+from train.models.generalad import (DISTORTIONS, WeightAverage, distort, generation_step, parse_distortions,
+                                    patch_mask)
 
 GRID = (8, 8)
 
@@ -190,6 +191,42 @@ def test_distort_before_pool_trains_on_the_tokens_the_graph_scores():
     assert not targets[:1].any() and float(targets.min()) >= 0.0 and float(targets.max()) <= 1.0
     soft = (targets > 0) & (targets < 1)
     assert bool(soft[1:].any()), "averaging gives the border patches of a pseudo-defect a partial target"
+
+
+def test_weight_average_is_the_ramped_moving_average_of_the_steps():
+    lin = torch.nn.Linear(2, 1)
+    start = [p.detach().clone() for p in lin.parameters()]
+    average = WeightAverage(lin, 0.9)
+    expected = [s.clone() for s in start]
+    for t in range(1, 31):
+        with torch.no_grad():
+            for p in lin.parameters():
+                p.add_(1.0)  # a "step": every weight moves by 1
+        average.update()
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, lin.parameters())]
+    last = [p.detach().clone() for p in lin.parameters()]
+    average.copy_to_module()
+    for e, p, s, q in zip(expected, lin.parameters(), start, last):
+        assert torch.allclose(p, e, atol=1e-5)
+        assert bool((p < q).all()) and bool((p > s + 20).all()), "behind the last weights, far from the first"
+    with pytest.raises(ValueError, match="weight_average"):
+        _tiny(weight_average=1.0)
+
+
+def test_tiny_model_with_weight_average_ends_on_the_average(tmp_path, synthetic_root):
+    from train.loop import TrainConfig, load_checkpoint, train
+
+    kw = {"hidden": 16, "heads": 2, "learning_rate": 3e-3}
+    runs = {}
+    for decay in (0.0, 0.9):
+        cfg = TrainConfig(data=str(synthetic_root), out=str(tmp_path / f"run{decay}"), model="generalad_lite",
+                          image_size=64, steps=30, batch_size=4, seed=0, save_every=0, pretrained=False,
+                          model_kwargs={**kw, "weight_average": decay})
+        runs[decay], _ = load_checkpoint(train(cfg))
+    plain, averaged = (dict(runs[d].discriminator.named_parameters()) for d in (0.0, 0.9))
+    assert runs[0.9].cfg.weight_average == 0.9
+    assert any(not torch.equal(plain[k], averaged[k]) for k in plain), "the averaged weights are not the last ones"
 
 
 @pytest.mark.parametrize("distortions", ["graded", "noise"])  # the default and the paper's noise

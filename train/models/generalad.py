@@ -543,7 +543,7 @@ def generalad_lite_fine(image_size=384, graded_range=(0.2, 8.0), graded_saturati
 
     Real bottle, 600 x 8, two seeds: test 1.000 / 0.970 / 0.903 and 0.889 (image / pixel AUROC / AUPRO) against
     1.000 / 0.961 / 0.839 for generalad_lite; 16.6 frames/s end to end against 25 on 2 CPU cores, training about 2.7x
-    longer. Worse than generalad_lite on real transistor (0.906 vs 0.984 image AUROC): a preset, not the default
-    (docs/generalad.md)."""
+    longer. Worse than generalad_lite on real transistor (0.906 vs 0.984 image AUROC) and on screw's maps (AUPRO 0.573
+    vs 0.693): a preset, not the default (docs/generalad.md)."""
     return GeneralAD(GeneralADConfig(name="generalad_lite_fine", image_size=parse_hw(image_size),
                                      graded_range=tuple(graded_range), graded_saturation=graded_saturation, **kw))

@@ -87,12 +87,23 @@ def run_one(spec: str, data: str, work: Path, args) -> dict:
            "image_size": list(model.cfg.image_size),
            "fit_wall_seconds": round(fit_s, 1), "train_facts": {k: v for k, v in blob["train"].items()
                                                                  if k.endswith("seconds") or k in ("memory_rows", "patches", "n_fit", "steps")},
+           "gaussian": gaussian_decision(blob),
            "onnx_mb": round(onnx_path.stat().st_size / 2**20, 2),
            "metrics": metrics, "painted_validation": painted, "cpu": cpu_speed(onnx_path, args.iters), "load_average_after": os.getloadavg()}
     log.info("%s on %s: image AUROC %.4f, pixel %.4f, AUPRO %.4f; fit %.0fs; %.1f ms model-only",
              spec, Path(data).name, metrics["image_score"]["image_auroc"], metrics["image_score"]["pixel_auroc"],
              metrics["image_score"]["aupro"], fit_s, row["cpu"]["model_only_ms_p50"])
     return row
+
+
+def gaussian_decision(blob: dict) -> dict | None:
+    """What the first calibration did with a Gaussian score (None: the model has none): on or off, why, the
+    measured layout share (calibration.layout) and the weight it got."""
+    g = blob.get("gaussian") or {}
+    if not g.get("dim"):
+        return None
+    return {"on": g.get("estimator") != "off", "layout": g.get("layout"), "off_reason": g.get("off_reason", ""),
+            "puad_weight": (blob.get("score") or {}).get("puad_weight")}
 
 
 def reference(path: str) -> dict:

@@ -29,6 +29,7 @@ from . import fitting, memory
 from .fitting import CalibrationError
 from .graph_part import GraphPart, source_graph
 from .headfit import HeadFit, fit_head, gaussian_optional
+from .layout import ROLLED_IMAGES, gaussian_switch, layout_cells, layout_fraction, rolled_frames
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,13 @@ class Collected:
 
 
 def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: str = "good images",
-            any_aspect: bool = False, any_colour: bool = False) -> Collected:
+            any_aspect: bool = False, any_colour: bool = False, layout: bool = True) -> Collected:
     """Run the deployed model over frames; keep its raw outputs (role 'raw' in the sidecar).
 
     ``any_colour``: grey images are accepted by a colour-trained model (onboarding a new product onto a
-    graph whose memory is refit from these very images: the new product defines what normal looks like)."""
+    graph whose memory is refit from these very images: the new product defines what normal looks like).
+    ``layout``: a graph whose Gaussian follows the layout also gets the patch features of the first images shifted
+    (``calibration.layout``; good images only)."""
     sc = model.sidecar
     has_gaussian = "features" in sc.roles
     extra = memory.extra_raw_outputs(sc)  # [] for graphs without a memory
@@ -140,6 +143,8 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
     seen_colour = False
     maps, feats = [], []
     more: dict[str, list[np.ndarray]] = {k: [] for k in extra}
+    by_layout = layout and has_gaussian and bool(extra) and gaussian_switch(sc.family_params) == "layout"
+    kept: list[np.ndarray] = []  # the first prepared frames, to measure the layout on (calibration.layout)
 
     def checked():
         nonlocal seen_colour
@@ -149,7 +154,10 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
             yield f
 
     for chunk in batched(tqdm(checked(), desc=desc, leave=False), batch):
-        out = model.infer(model.prepare(chunk))
+        prepared = model.prepare(chunk)
+        if by_layout and len(kept) < ROLLED_IMAGES:
+            kept.extend(prepared[:ROLLED_IMAGES - len(kept)])
+        out = model.infer(prepared)
         maps.append(np.asarray(out["raw_maps"], np.float32))
         if has_gaussian:
             feats.append(np.asarray(out["features"], np.float32))
@@ -157,8 +165,15 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
             more[k].append(np.asarray(out[k], np.float32))
     if not maps:
         raise CalibrationError("no images were read")
-    return Collected(np.concatenate(maps), np.concatenate(feats) if has_gaussian else None,
-                     {k: np.concatenate(v) for k, v in more.items()}, colour=seen_colour)
+    extras = {k: np.concatenate(v) for k, v in more.items()}
+    if by_layout and len(kept) >= 2:
+        rolled = rolled_frames(np.stack(kept))
+        extras[ROLLED_PREFIX + extra[0]] = np.concatenate(
+            [np.asarray(model.infer(rolled[i:i + batch])[extra[0]], np.float32) for i in range(0, len(rolled), batch)])
+    return Collected(np.concatenate(maps), np.concatenate(feats) if has_gaussian else None, extras, colour=seen_colour)
+
+
+ROLLED_PREFIX = "rolled:"  # Collected.extra key of the patch features of rolled_frames
 
 
 @dataclass
@@ -179,15 +194,25 @@ def compute(model: Model, good: Collected, defects: Collected | None = None, tar
     """Every head constant from good images, scored by the graph's own post-network part."""
     sc = model.sidecar
     w = sc.score.puad_weight if puad_weight is None else puad_weight
+    if puad_weight is None and sc.gaussian.estimator == "off" and sc.gaussian.weight_when_on is not None:
+        w = sc.gaussian.weight_when_on  # a previous fit switched the Gaussian off (weight 0): this one may turn it on
     gate = sc.score.puad_gate if puad_gate is fitting.KEEP_GATE else puad_gate
     mem = None
     if memory.MemorySpec.from_sidecar(sc) is not None:  # a new memory first; the head is fit on its held-out maps
         mem, good, defects = _refit_memory(model, good, defects)
     scorer = graph_scorer(model.path, sc)
+    layout = None
+    if good.features is not None and gaussian_switch(sc.family_params) == "layout":
+        name = memory.MemorySpec.from_sidecar(sc).features_output if mem is not None else ""
+        feats, rolled = good.extra.get(name), good.extra.get(ROLLED_PREFIX + name)
+        if feats is None or rolled is None:
+            raise CalibrationError("the Gaussian score follows the layout, but the graph gave no patch features to "
+                                   "measure it on; re-export the model with this edgead")
+        layout = layout_fraction(layout_cells(feats), layout_cells(rolled))
     fit = fit_head(good.raw_maps, good.features, scorer, list(sc.head.get("map_names", [])),
                    puad_weight=w, puad_gate=gate, target_fpr=target_fpr,
                    defects=None if defects is None else (defects.raw_maps, defects.features), estimator=estimator,
-                   gaussian_optional=gaussian_optional(sc.family_params))
+                   gaussian_optional=gaussian_optional(sc.family_params), layout=layout)
     result = CalibrationResult(**{f.name: getattr(fit, f.name) for f in dataclasses.fields(HeadFit)})
     if mem is not None:
         result.constants.update(mem.constants)
@@ -324,7 +349,7 @@ def calibrate(model_path: str | Path, good: str, defects: str | None = None, tar
     if class_name is not None:
         result = compute_class_threshold(model, g, class_name, target_fpr)
     else:
-        d = collect(model, iter_images(defects, max_images), desc="defect images", any_aspect=any_aspect,
+        d = collect(model, iter_images(defects, max_images), desc="defect images", any_aspect=any_aspect, layout=False,
                     any_colour=onboarding) if defects else None
         result = compute(model, g, d, target_fpr, puad_weight, puad_gate=puad_gate)
     model.close()

@@ -19,6 +19,7 @@ Procedure (field: all from the same good images):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +30,7 @@ from runtime.artifact import GaussianInfo, Normalization, ScoreSpec, Thresholds
 
 from . import fitting
 from .fitting import CalibrationError
+from .layout import LAYOUT_MIN, has_layout
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,14 @@ def _halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def fit_head(raw_maps: np.ndarray, features: np.ndarray | None, scorer: Scorer, map_names: list[str],
              puad_weight: float = 0.5, puad_gate: float | None = fitting.DEFAULT_PUAD_GATE, target_fpr: float = 0.01,
              gaussian_features: np.ndarray | None = None, defects: tuple[np.ndarray, np.ndarray | None] | None = None,
-             estimator: str = "ledoit_wolf", gaussian_optional: bool = False) -> HeadFit:
+             estimator: str = "ledoit_wolf", gaussian_optional: bool = False, layout: float | None = None) -> HeadFit:
     """All head constants from good images' raw outputs (see the module docstring).
 
     gaussian_features: fit the Gaussian on these instead (training: the training images, while
     ``raw_maps``/``features`` come from held-out validation images, which are then out-of-sample
     already). defects: (raw maps, features) of labelled defect images -> threshold at F1-max.
+    layout: the good images' ``calibration.layout.layout_fraction`` when the Gaussian follows the layout:
+    below ``LAYOUT_MIN`` (a texture) it is switched off.
     """
     raw_maps = np.asarray(raw_maps, np.float32)
     n = len(raw_maps)
@@ -89,12 +93,19 @@ def fit_head(raw_maps: np.ndarray, features: np.ndarray | None, scorer: Scorer, 
         features = np.asarray(features, np.float32)
         need = fitting.required_images(features.shape[1])
         n_gauss = len(gaussian_features) if gaussian_features is not None else n // 2  # 2-fold: each half fits one
-        if gaussian_optional and n_gauss < need:
+        off = ""
+        if layout is not None and not has_layout(layout):
+            off = f"no layout: {layout:.3f} of the feature variance is tied to position (a texture), under {LAYOUT_MIN:g}"
+            log.info("Gaussian (logical-anomaly) score off: %s", off)
+        elif gaussian_optional and n_gauss < need:
+            off = f"{n} good images, {need if gaussian_features is not None else 2 * need} needed"
             log.warning("%d good images: too few for the %d-dimensional Gaussian (logical-anomaly) score, which is off; "
                         "calibrate with at least %d good images to turn it on", n, features.shape[1],
                         need if gaussian_features is not None else 2 * need)
+        if off:
             g_all = fitting.GaussianFit(features.mean(0).astype(np.float64), np.eye(features.shape[1]),
-                                        GaussianInfo(dim=int(features.shape[1]), n_images=0, estimator="off"))
+                                        GaussianInfo(dim=int(features.shape[1]), n_images=0, estimator="off",
+                                                     layout=layout, off_reason=off, weight_when_on=float(puad_weight)))
             folds = [(np.arange(n), g_all)]
             puad_weight = 0.0
         elif gaussian_features is not None:
@@ -119,7 +130,7 @@ def fit_head(raw_maps: np.ndarray, features: np.ndarray | None, scorer: Scorer, 
             heldout[idx] = scorer(with_(**gauss(g), score_center=center, score_weight=weight), raw_maps[idx],
                                   features[idx])["image_score"]
         final = with_(**gauss(g_all), score_center=center, score_weight=weight)
-        ginfo = g_all.info
+        ginfo = g_all.info if layout is None else dataclasses.replace(g_all.info, layout=float(layout))
     else:
         map_s = scorer(with_(score_center=unit_center[:1], score_weight=unit_weight[:1]), raw_maps, None)["map_score"]
         spec = fitting.score_normalization(map_s, None)

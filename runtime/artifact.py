@@ -83,6 +83,11 @@ class GaussianInfo:
     estimator: str = "ledoit_wolf"
     shrinkage: float = 0.0
     condition_number: float = 0.0
+    # a Gaussian switched by the product's layout (calibration.layout): the measured share; when calibration
+    # switched the score off, why, and the PUAD weight a later refit that switches it back on restores
+    layout: float | None = None
+    off_reason: str = ""
+    weight_when_on: float | None = None
 
 
 @dataclass
@@ -183,7 +188,7 @@ INPUT_DTYPES = ("uint8",)
 COLOR_ORDERS = ("BGR", "RGB")
 RESIZE_NAMES = ("area", "linear", "nearest")  # runtime.preprocess.INTERPOLATIONS (this module imports no cv2)
 FIT_NAMES = ("stretch", "letterbox", "center_crop")  # runtime.preprocess.FIT_POLICIES
-OPTIONAL_NUMBERS = ("target_fpr", "expected_fpr", "fit_fpr", "puad_gate")
+OPTIONAL_NUMBERS = ("target_fpr", "expected_fpr", "fit_fpr", "puad_gate", "layout", "weight_when_on")
 INFORMATIVE_NUMBERS = ("condition_number",)
 
 

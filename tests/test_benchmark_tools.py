@@ -25,3 +25,14 @@ def test_families_model_specs_keep_the_commas_of_list_values():
         "patchcore_lite", {"global_gaussian": True, "memory_size": 1024})
     assert parse_spec("generalad_lite:graded_range=[0.2,8],graded_saturation=8") == (
         "generalad_lite", {"graded_range": [0.2, 8], "graded_saturation": 8})
+
+
+def test_families_rows_say_whether_the_gaussian_was_switched_on():
+    from benchmarks.families import gaussian_decision
+
+    assert gaussian_decision({"gaussian": {"dim": 0}}) is None
+    off = gaussian_decision({"gaussian": {"dim": 168, "estimator": "off", "layout": 0.004, "off_reason": "no layout"},
+                             "score": {"puad_weight": 0.0}})
+    assert off == {"on": False, "layout": 0.004, "off_reason": "no layout", "puad_weight": 0.0}
+    on = gaussian_decision({"gaussian": {"dim": 168, "estimator": "ledoit_wolf", "layout": 0.3}, "score": {"puad_weight": 0.5}})
+    assert on["on"] and on["puad_weight"] == 0.5

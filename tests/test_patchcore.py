@@ -315,5 +315,11 @@ def test_checkpoints_from_before_the_gaussian_load_as_map_only_models():
     old = PatchCoreConfig(name="patchcore_lite0", backbone="lite0", pretrained=False).to_dict()
     del old["global_gaussian"]
     assert PatchCoreConfig.from_dict(old).global_gaussian is False
-    m = create_model("patchcore_lite0", image_size=64, pretrained=False, memory_size=8)
+    m = create_model("patchcore_lite0", image_size=64, pretrained=False, memory_size=8, global_gaussian=False)
     assert m.head.feature_dim == 0 and "gaussian_score" not in m.output_names()
+    # new models carry the Gaussian, switched by the layout at calibration
+    m = create_model("patchcore_lite0", image_size=64, pretrained=False, memory_size=8)
+    assert m.cfg.global_gaussian == "auto" and m.head.feature_dim == m.channels
+    assert m.family_params()["gaussian"] == {"optional": True, "switch": "layout"}
+    with pytest.raises(ValueError, match="auto, true or false"):
+        create_model("patchcore_lite0", image_size=64, pretrained=False, global_gaussian="sometimes")

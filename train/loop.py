@@ -185,9 +185,10 @@ def calibrate_model(model: AnomalyModel, fit_frames: np.ndarray, val_frames: np.
         raw_val = {k: np.concatenate([held[k], raw_val[k]]) for k in raw_val}
     elif model.head.feature_dim:
         gfeat = run_outputs(model, fit_frames, device, keys=("features",))["features"]
+    layout = None if held is None else held.get("layout")  # a Gaussian switched by the layout: the fit images' share
     fit = fit_head(raw_val["raw_maps"], raw_val.get("features"), torch_scorer(model, device), list(model.head.map_names),
                    puad_weight=puad_weight, puad_gate=puad_gate, target_fpr=target_fpr, gaussian_features=gfeat,
-                   gaussian_optional=gaussian_optional(model.family_params()))
+                   gaussian_optional=gaussian_optional(model.family_params()), layout=layout)
     model.head.write(**fit.constants)
     model.calibrated.fill_(True)
     thresholds = dataclasses.asdict(fit.thresholds)

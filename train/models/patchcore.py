@@ -10,11 +10,13 @@ Pieces, in the order of the paper:
   numpy code field onboarding runs, so a memory refit in the field is the memory training builds;
 - anomaly map: each patch's Euclidean distance to its nearest memory row: the row is found with one
   matrix product against the memory (``-2 a.b + ||b||^2``), the distance recomputed exactly from it;
-- image score: the map maximum (the shared head: normalization, smoothing, upsampling, max), plus, as an
-  option (``global_gaussian``), PUAD's gated Gaussian score (Sugawara et al., 2024) on the image-mean of the same patch features:
+- image score: the map maximum (the shared head: normalization, smoothing, upsampling, max), plus PUAD's gated
+  Gaussian score (Sugawara et al., 2024) on the image-mean of the same patch features (``global_gaussian``):
   a nearest-patch distance cannot see a part that is missing, doubled or of the wrong kind when every patch
   looks normal on its own (logical anomalies); the mean feature of the image moves. The head's gate (2 standard
-  deviations of good images) keeps it silent on ordinary parts. Costs one mean and one small matmul.
+  deviations of good images) keeps it silent on ordinary parts. Costs one mean and one small matmul. By default
+  ("auto") calibration switches it on only for good images with a layout and off for textures, where it hurt
+  (``calibration.layout``: measured from the good images, the same at training and at every field refit).
 
 "Training" is feature extraction + coreset: no gradient step. The memory is a fixed-capacity
 buffer ``knn.memory_bank`` [C+1, M] (one column per item: features and squared norm, see
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from calibration.layout import has_layout, layout_cells, layout_fraction, rolled_frames
 from calibration.memory import MIN_IMAGES, MemorySpec, build_memory_for, fit_memory_with, memory_matrix
 
 from .base import AnomalyModel, ExportPolicy, FamilyConfig, build_on_lite
@@ -64,13 +67,23 @@ class PatchCoreConfig(FamilyConfig):
     # 384 px, 2048 items, 8 px: chosen on defects painted on held-out GOOD images of bottle, screw and
     # transistor (never their test splits); docs/memory_bank.md has the curves
     map_blur_px: float = 8.0
-    # PUAD's gated Gaussian on the image-mean patch feature, for logical anomalies (--model-arg
-    # global_gaussian=true). Off by default: it lifts products with a layout (tray 0.741 -> 0.928, real transistor
-    # 0.978 -> 0.994, test splits, reported not chosen) but hurt a busy natural texture (grass 0.654 -> 0.578)
-    global_gaussian: bool = False
+    # PUAD's gated Gaussian on the image-mean patch feature, for logical anomalies. It lifts products with a layout
+    # (tray 0.741 -> 0.928, real transistor 0.978 -> 0.994) but hurt busy natural textures (grass 0.654 -> 0.578;
+    # test splits, reported not chosen). "auto": in the graph, switched on by calibration only for good images
+    # with a layout (calibration.layout, decided from the good images alone); true: always; false: not in the graph
+    global_gaussian: bool | str = "auto"
     # PatchCore's reweighting by the nearest item's neighbourhood in the memory (k items; 0 = off, the paper: 9).
     # Off: measured a no-op on these features (weights 0.995-1.000; docs/memory_bank.md)
     reweight_neighbours: int = 0
+    LEGACY_DEFAULTS = {"global_gaussian": False}  # checkpoints from before the option: map only
+
+    def __post_init__(self):
+        if self.global_gaussian not in (True, False, "auto"):
+            raise ValueError(f"global_gaussian {self.global_gaussian!r}: choose auto, true or false")
+
+    @property
+    def gaussian_in_graph(self) -> bool:
+        return self.global_gaussian in (True, "auto")
 
 
 class NearestNeighbour(nn.Module):
@@ -200,7 +213,7 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
 
     def __init__(self, cfg: PatchCoreConfig):
         grid, features = self.frozen_lite(cfg, (4, 8, 16))
-        super().__init__(cfg, grid, feature_dim=features.channels if cfg.global_gaussian else 0)
+        super().__init__(cfg, grid, feature_dim=features.channels if cfg.gaussian_in_graph else 0)
         self.features = features
         self.channels = self.features.channels
         self.knn = NearestNeighbour(cfg.memory_size, self.channels, cfg.reweight_neighbours)
@@ -210,7 +223,7 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
         """x: preprocessed [N,3,H,W] -> (nearest-neighbour distance [N,1,h,w], image-mean feature [N,C] or None)."""
         f = self.patch_features(x)
         self._feats = f  # handed to extra_outputs, so the graph runs the backbone once
-        return self.knn(f), (self.image_feature(f) if self.cfg.global_gaussian else None)
+        return self.knn(f), (self.image_feature(f) if self.cfg.gaussian_in_graph else None)
 
     @staticmethod
     def image_feature(f: torch.Tensor) -> torch.Tensor:
@@ -225,7 +238,8 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
         cfg = self.cfg
         # a memory onboards from a few images; below what a Gaussian of this dimension needs, field
         # calibration switches the Gaussian score off (and says so) instead of refusing
-        gaussian = {"gaussian": {"optional": True}} if cfg.global_gaussian else {}
+        switch = "layout" if cfg.global_gaussian == "auto" else "always"
+        gaussian = {"gaussian": {"optional": True, "switch": switch}} if cfg.gaussian_in_graph else {}
         return gaussian | {"memory": {"initializer": MEMORY_INITIALIZER, "features_output": FEATURES_OUTPUT,
                            "capacity": cfg.memory_size, "dim": self.channels, "coreset_ratio": cfg.coreset_ratio,
                            "projection_dim": cfg.projection_dim or None, "seed": cfg.coreset_seed,
@@ -255,8 +269,13 @@ class PatchCore(FrozenPatchFeatures, AnomalyModel):
             mf = fit_memory_with(spec, self._torch_scorer(device), feats, cfg.coreset_seed, deployed=False)
             rows, n = mf.constants[MEMORY_INITIALIZER], int(mf.info["rows"])
             self.heldout_fit = {"raw_maps": mf.heldout_raw_maps}
-            if cfg.global_gaussian:
+            if cfg.gaussian_in_graph:
                 self.heldout_fit["features"] = self.image_feature(torch.from_numpy(feats)).numpy()
+            if cfg.global_gaussian == "auto":
+                rolled = self.extract(rolled_frames(fit_frames), device)
+                self.heldout_fit["layout"] = layout_fraction(layout_cells(feats), layout_cells(rolled))
+                log.info("layout: %.3f of the patch-feature variance is tied to position (Gaussian score %s)",
+                         self.heldout_fit["layout"], "on" if has_layout(self.heldout_fit["layout"]) else "off")
         else:
             rows, n = build_memory_for(spec, feats)
         self.set_memory(rows)

@@ -74,6 +74,8 @@ def run_one(spec: str, data: str, work: Path, args) -> dict:
     name, kw = parse_spec(spec)
     tag = f"{Path(data).name}_{spec.replace(':', '_').replace(',', '_').replace('=', '-')}"
     out = work / tag
+    if out.exists() and any(r.get("work_dir") == str(out) for r in getattr(args, "done_rows", [])):
+        out = work / f"{Path(data).parent.name}_{tag}"  # two classes of one name (real and generated screw)
     cfg = TrainConfig(data=data, out=str(out), model=name, steps=args.steps, batch_size=args.batch_size,
                       image_size=args.image_size, device="cpu", seed=args.seed, amp=args.amp, model_kwargs=kw)
     t0 = time.perf_counter()
@@ -85,7 +87,7 @@ def run_one(spec: str, data: str, work: Path, args) -> dict:
     onnx_path = export_onnx(ckpt, out / "model.onnx")
     row = {"model": name, "options": kw, "config": blob["config"], "data": str(data), "family": blob["family"],
            "image_size": list(model.cfg.image_size),
-           "fit_wall_seconds": round(fit_s, 1), "train_facts": {k: v for k, v in blob["train"].items()
+           "work_dir": str(out), "fit_wall_seconds": round(fit_s, 1), "train_facts": {k: v for k, v in blob["train"].items()
                                                                  if k.endswith("seconds") or k in ("memory_rows", "patches", "n_fit", "steps")},
            "gaussian": gaussian_decision(blob),
            "onnx_mb": round(onnx_path.stat().st_size / 2**20, 2),
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in args.data:
         if not (Path(d) / "train" / "good").is_dir() or not (Path(d) / "test").is_dir():
             p.error(f"--data {d}: not an MVTec-layout class folder (needs train/good and test/)")
-    rows = []
+    rows = args.done_rows = []
     for data in args.data:
         for spec in args.models:
             rows.append(run_one(spec, data, Path(args.work), args))

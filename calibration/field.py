@@ -108,6 +108,9 @@ class FrameCheck:
                                    "or pass --any-aspect if this view is intended")
 
 
+ROLLED_PREFIX = "rolled:"  # Collected.extra key of the patch features of calibration.layout.rolled_frames
+
+
 @dataclass
 class Collected:
     raw_maps: np.ndarray  # float32 [N,K,h,w]
@@ -171,9 +174,6 @@ def collect(model: Model, frames: Iterable[np.ndarray], batch: int = 8, desc: st
         extras[ROLLED_PREFIX + extra[0]] = np.concatenate(
             [np.asarray(model.infer(rolled[i:i + batch])[extra[0]], np.float32) for i in range(0, len(rolled), batch)])
     return Collected(np.concatenate(maps), np.concatenate(feats) if has_gaussian else None, extras, colour=seen_colour)
-
-
-ROLLED_PREFIX = "rolled:"  # Collected.extra key of the patch features of rolled_frames
 
 
 @dataclass

@@ -13,10 +13,10 @@ The fraction, from patch features: a margin of ``MARGIN`` of each side cut off, 
 ``CELLS`` x ``CELLS`` grid of cells (a layout lives at the scale of parts, not of single patches); the variance of
 the cells' means over the images (less its sampling noise) is how much the positions differ. Part of that is the
 backbone's own: zero padding makes a CNN's features depend on where they are in every image, textures included
-(0.04 of the variance at 384 px, 0.13-0.18 at 256 px, 0.7-0.8 at 64 px on photo textures, measured). So the same
-is measured on up to ``ROLLED_IMAGES`` of the images shifted circularly by random offsets (content moved, backbone
-left in place) and taken away. What is left, over the total, is about 0 for a texture at any input size and
-0.13-0.92 for every product measured (docs/memory_bank.md).
+(0.04-0.05 of the variance at 384 px, 0.13-0.18 at 256 px, 0.7-0.8 at 64 px on photo textures, measured). So the
+same is measured on up to ``ROLLED_IMAGES`` of the images shifted circularly by random offsets (content moved,
+backbone left in place) and taken away. What is left, over the total, is 0.084 at most for the 6 textures measured
+and 0.123-0.963 for the 7 products, at 64, 256 and 384 px (``benchmarks.layout_share``, docs/memory_bank.md).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ MARGIN = 0.1  # of each side, in grid cells (at least one)
 CELLS = 8  # cells per side the interior is averaged into (fewer when the grid is smaller)
 ROLLED_IMAGES = 32  # images shifted to measure the backbone's own position signal
 ROLL_SEED = 0
-# From training images only: 6 textures (3 photos, 3 generated) <= 0.047, 7 products >= 0.13 at 64, 256 and
-# 384 px (docs/memory_bank.md has the table); the threshold sits between the two groups
+# From training images only: 6 textures (3 photos, 3 generated) <= 0.084, 7 products >= 0.123 at 64, 256 and
+# 384 px (<= 0.020 and >= 0.123 at the 384 px default; docs/memory_bank.md); the threshold sits between the groups
 LAYOUT_MIN = 0.1
 
 

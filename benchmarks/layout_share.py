@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def raw_share(cells: np.ndarray) -> float:
-    """The share without the backbone's correction (``calibration.layout._spread`` of the images alone)."""
-    from calibration.layout import _spread
+    """The share without the backbone's correction (``calibration.layout.position_spread`` of the images alone)."""
+    from calibration.layout import position_spread
 
-    between, within = _spread(cells)
+    between, within = position_spread(cells)
     between = max(between, 0.0)
     return between / (between + within) if between + within > 0 else 0.0
 

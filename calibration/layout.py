@@ -62,7 +62,7 @@ def rolled_frames(frames: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def _spread(cells: np.ndarray) -> tuple[float, float]:
+def position_spread(cells: np.ndarray) -> tuple[float, float]:
     """(how the cell means differ between positions, less their sampling noise; how images differ at a position)."""
     c = np.asarray(cells, np.float64)
     n = len(c)
@@ -78,8 +78,8 @@ def _spread(cells: np.ndarray) -> tuple[float, float]:
 def layout_fraction(cells: np.ndarray, rolled_cells: np.ndarray) -> float:
     """``layout_cells`` of N >= 2 good images and of their ``rolled_frames`` -> the share of the variance tied to
     the position in the product, the backbone's own position signal taken away, in [0, 1]."""
-    between, within = _spread(cells)
-    backbone, _ = _spread(rolled_cells)
+    between, within = position_spread(cells)
+    backbone, _ = position_spread(rolled_cells)
     product = max(between - max(backbone, 0.0), 0.0)
     return float(product / (product + within)) if product + within > 0 else 0.0
 

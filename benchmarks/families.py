@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Container
 from pathlib import Path
 
 from benchmarks.common import write_result
@@ -66,7 +67,9 @@ def painted_validation(model, cfg, threshold: float, per_image: int = 3) -> dict
                  threshold=threshold)
 
 
-def run_one(spec: str, data: str, work: Path, args) -> dict:
+def run_one(spec: str, data: str, work: Path, args, taken: Container[str] = ()) -> dict:
+    """One model on one class. ``taken``: work folders this run already used (two classes of one name, such as
+    real and generated screw, must not overwrite each other's artifacts)."""
     from export.onnx_export import export_onnx
     from train.evaluate import evaluate_model
     from train.loop import TrainConfig, load_checkpoint, train
@@ -74,8 +77,8 @@ def run_one(spec: str, data: str, work: Path, args) -> dict:
     name, kw = parse_spec(spec)
     tag = f"{Path(data).name}_{spec.replace(':', '_').replace(',', '_').replace('=', '-')}"
     out = work / tag
-    if out.exists() and any(r.get("work_dir") == str(out) for r in getattr(args, "done_rows", [])):
-        out = work / f"{Path(data).parent.name}_{tag}"  # two classes of one name (real and generated screw)
+    if str(out) in taken:
+        out = work / f"{Path(data).parent.name}_{tag}"
     cfg = TrainConfig(data=data, out=str(out), model=name, steps=args.steps, batch_size=args.batch_size,
                       image_size=args.image_size, device="cpu", seed=args.seed, amp=args.amp, model_kwargs=kw)
     t0 = time.perf_counter()
@@ -139,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     for d in args.data:
         if not (Path(d) / "train" / "good").is_dir() or not (Path(d) / "test").is_dir():
             p.error(f"--data {d}: not an MVTec-layout class folder (needs train/good and test/)")
-    rows = args.done_rows = []
+    rows = []
     for data in args.data:
         for spec in args.models:
-            rows.append(run_one(spec, data, Path(args.work), args))
+            rows.append(run_one(spec, data, Path(args.work), args, taken={r["work_dir"] for r in rows}))
             write_result(args.name, {"rows": rows, "references": [reference(f) for f in args.reference]},
                          args.results)  # after every row: a long run keeps what it measured
     print(json.dumps([{k: r[k] for k in ("model", "options", "data", "fit_wall_seconds")} |

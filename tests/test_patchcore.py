@@ -172,6 +172,8 @@ def test_trained_memory_and_export_parity(pc_checkpoint, pc_onnx, pc_dataset):
     assert "memory_bank" in sc.calibration_initializers and sc.roles["patch_features"] == "raw"
     spec = MemorySpec.from_sidecar(sc)
     assert (spec.initializer, spec.capacity, spec.dim) == ("memory_bank", 256, model.channels)
+    # the default coreset search runs on exact distances, and field refits read the same from the sidecar
+    assert model.cfg.projection_dim == 0 and spec.projection_dim is None
 
 
 def test_first_calibration_uses_every_training_image_out_of_sample(pc_checkpoint, pc_dataset):

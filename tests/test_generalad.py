@@ -115,6 +115,7 @@ def test_fine_preset_is_generalad_lite_at_384_px_with_the_wide_graded_range():
     m = create_model("generalad_lite_fine", pretrained=False)
     assert (m.cfg.height, m.cfg.width) == (384, 384) and m.family == create_model("generalad_lite", pretrained=False).family
     assert tuple(m.cfg.graded_range) == (0.2, 8.0) and m.cfg.graded_saturation == 8.0 and m.cfg.lighting_copies == 3
+    assert m.cfg.weight_average == 0.99 and create_model("generalad_lite", pretrained=False).cfg.weight_average == 0
     m = create_model("generalad_lite_fine", image_size="256x128", graded_range=[0.2, 4], pretrained=False)
     assert (m.cfg.height, m.cfg.width) == (128, 256) and tuple(m.cfg.graded_range) == (0.2, 4.0)
 

@@ -537,13 +537,16 @@ def generalad_lite(image_size=320, **kw) -> GeneralAD:
 
 
 @register_model
-def generalad_lite_fine(image_size=384, graded_range=(0.2, 8.0), graded_saturation=8.0, **kw) -> GeneralAD:
-    """generalad_lite for the sharpest maps: 384 px and the wide graded range (the target regresses how far a token
-    was pushed, up to noise std 2, instead of saturating at 0.25).
+def generalad_lite_fine(image_size=384, graded_range=(0.2, 8.0), graded_saturation=8.0, weight_average=0.99,
+                        **kw) -> GeneralAD:
+    """generalad_lite for the sharpest maps: 384 px, the wide graded range (the target regresses how far a token
+    was pushed, up to noise std 2, instead of saturating at 0.25) and a moving average of the discriminator's weights
+    (adopted 2026-12-03 on painted validation of bottle x2 seeds + transistor; training only, same graph).
 
-    Real bottle, 600 x 8, two seeds: test 1.000 / 0.970 / 0.903 and 0.889 (image / pixel AUROC / AUPRO) against
-    1.000 / 0.961 / 0.839 for generalad_lite; 16.6 frames/s end to end against 25 on 2 CPU cores, training about 2.7x
-    longer. Worse than generalad_lite on real transistor (0.906 vs 0.984 image AUROC) and on screw's maps (AUPRO 0.573
-    vs 0.693): a preset, not the default (docs/generalad.md)."""
+    Real bottle, 600 x 8, two seeds: test 1.000 / 0.973 / 0.908 and 1.000 / 0.973 / 0.903 (image / pixel AUROC /
+    AUPRO) against 1.000 / 0.961 / 0.839 for generalad_lite; 16.6 frames/s end to end against 25 on 2 CPU cores,
+    training about 3x longer. Worse than generalad_lite on real transistor (0.906 vs 0.984 image AUROC) and on screw's
+    maps: a preset, not the default (docs/generalad.md)."""
     return GeneralAD(GeneralADConfig(name="generalad_lite_fine", image_size=parse_hw(image_size),
-                                     graded_range=tuple(graded_range), graded_saturation=graded_saturation, **kw))
+                                     graded_range=tuple(graded_range), graded_saturation=graded_saturation,
+                                     weight_average=weight_average, **kw))

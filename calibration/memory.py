@@ -40,14 +40,15 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- coreset
-def greedy_coreset(features: np.ndarray, n: int, projection_dim: int | None = 128, seed: int = 0,
+def greedy_coreset(features: np.ndarray, n: int, projection_dim: int | None, seed: int = 0,
                    progress: bool = True) -> np.ndarray:
     """Indices of ``n`` rows of ``features`` chosen by greedy k-center (the greedy coreset of Roth et al.).
 
     features: float32 [P,C] patch features. Each step adds the row farthest from the rows chosen so
     far, so the coreset covers the feature space with the smallest radius greedy search finds.
     projection_dim: distances are computed on a Gaussian random projection to this many dimensions
-    (Johnson-Lindenstrauss; as Roth et al. do), None or >= C: on the features themselves.
+    (Johnson-Lindenstrauss; as Roth et al. do), 0, None or >= C: on the features themselves. No default here:
+    the family config and the sidecar say which (``MemorySpec``).
     Returns int64 [min(n, P)] indices, in selection order.
     """
     x = np.asarray(features, np.float32)
@@ -135,7 +136,7 @@ def patches(features: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(f.transpose(0, 2, 3, 1).reshape(-1, f.shape[1]))
 
 
-def build_memory(features: np.ndarray, capacity: int, ratio: float, projection_dim: int | None = 128,
+def build_memory(features: np.ndarray, capacity: int, ratio: float, projection_dim: int | None,
                  seed: int = 0, progress: bool = True, neighbours: int = 0) -> tuple[np.ndarray, int]:
     """Patch feature maps [N,C,h,w] of good images -> (memory matrix [C+1+neighbours, capacity], items selected)."""
     rows = patches(features)

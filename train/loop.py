@@ -26,6 +26,7 @@ from runtime.dataset import open_dataset
 
 from . import distributed
 from .data import load_frames, split_train_validation
+from .geometry import apply_grid_offset
 from .models import build_from_config, create_model, default_image_size
 from .models.base import AnomalyModel, parse_hw, size_for_aspect
 
@@ -306,6 +307,7 @@ def _train(cfg: TrainConfig, resume: bool, ctx: distributed.DistContext) -> Path
     log.info("%d training, %d validation images at %dx%d (WxH)", len(imgs.fit), len(imgs.val), w, h)
     model = create_model(cfg.model, image_size=imgs.image_size, pretrained=cfg.pretrained, **cfg.model_kwargs).to(device)
     model.train_classes = list(imgs.fit_classes)
+    geometry = apply_grid_offset(model, device)
     facts = model.fit(imgs.fit, imgs.val, cfg, device)
     if facts.get("stopped"):
         return Path(facts["resume_path"])
@@ -327,6 +329,7 @@ def _train(cfg: TrainConfig, resume: bool, ctx: distributed.DistContext) -> Path
     save_checkpoint(ckpt, model, {
         **parts,
         "map_smoothing": smoothing,
+        "map_geometry": geometry,
         "source_shape": imgs.source_shape,
         "source_aspects": list(imgs.aspects),
         "source_colour": imgs.colour,

@@ -81,6 +81,8 @@ class FamilyConfig:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # RGB on [0,1]
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     map_blur_px: float = 8.0  # smoothing sigma, px at the 256 px reference (0 = off)
+    # (dy, dx) input px by which the map is moved back at upsampling (``train.geometry``); None: measured when training starts
+    map_offset_px: tuple[float, float] | None = (0.0, 0.0)
     pretrained: bool = True
     extra: dict = field(default_factory=dict)
     # fields added after checkpoints were written, with the value that reproduces those checkpoints (a new
@@ -154,7 +156,8 @@ class AnomalyModel(nn.Module):
         self.register_buffer("input_mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("input_std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("calibrated", torch.tensor(False))
-        self.head = DeployHead(self.map_names, self.grid, feature_dim, cfg.map_blur_px, pad_cells)
+        self.head = DeployHead(self.map_names, self.grid, feature_dim, cfg.map_blur_px, pad_cells,
+                               cfg.map_offset_px or (0.0, 0.0))
 
     # -- preprocessing (fused into the graph) ------------------------------------
     def to_rgb(self, frames: torch.Tensor) -> torch.Tensor:
@@ -177,6 +180,11 @@ class AnomalyModel(nn.Module):
     def fit(self, fit_frames, val_frames, train_cfg, device: str) -> dict:
         """Train on uint8 NHWC good frames (BGR); returns JSON-able training facts."""
         raise NotImplementedError
+
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Preprocessed [N,3,H,W] -> the features [N,C,h,w] whose grid the raw maps live on, for measuring
+        where each cell really sees (``train.geometry``); None: the family's map is drawn as it is."""
+        return None
 
     def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Optional family outputs (role 'raw') beside the head's, e.g. patch features for a memory."""
@@ -214,6 +222,12 @@ class AnomalyModel(nn.Module):
         """Smoothing sigma in px at 256 px (0 = off), kept in cfg. Re-calibrate afterwards."""
         self.cfg.map_blur_px = float(blur_px)
         self.head.set_smoothing(blur_px)
+
+    def set_map_offset(self, map_offset_px) -> None:
+        """(dy, dx) in input px (``train.geometry.measure_grid_offset``), kept in cfg. Only the drawn map moves: scores
+        are taken on the grid, so calibration stays valid."""
+        self.cfg.map_offset_px = tuple(float(v) for v in map_offset_px)
+        self.head.set_offset(self.cfg.map_offset_px)
 
     def half_networks(self, parts: tuple[str, ...] | None = None) -> "AnomalyModel":
         """fp16 for the named networks (default: the export policy's); head and statistics stay fp32."""

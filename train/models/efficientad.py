@@ -332,6 +332,11 @@ class EfficientAD(AnomalyModel):
         with torch.no_grad():
             return (self.teacher(x.to(_dtype(self.teacher))).float() - self.teacher_mean) / self.teacher_std
 
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The Lite teacher's features: the grid the student learns and the maps live on (``train.geometry``);
+        None for a PDN teacher with an unpadded student (its border cells are padding, not measured)."""
+        return self.teacher_features(x) if isinstance(self.teacher, LiteTeacher) and not self.head.pad_cells else None
+
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: preprocessed [N,3,H,W] -> (maps [N,2,h,w]: student-teacher, student-autoencoder; pooled [N,C])."""
         c = self.channels

@@ -348,6 +348,11 @@ class GeneralAD(AnomalyModel):
         grid = tokens.transpose(1, 2).reshape(n, c, *self.grid)
         return self.backbone.local_average(grid).flatten(2).transpose(1, 2)
 
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's patch features: the grid the logits live on (``train.geometry``)."""
+        with torch.no_grad():
+            return self.backbone(x)
+
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         """x: preprocessed [N,3,H,W] -> (patch logits [N,1,h,w], no pooled features)."""
         logits, _ = self.score_tokens(self.tokens(x))

@@ -8,7 +8,8 @@ the deployed outputs, always with the same arithmetic:
    ``norm = sum_k(raw_k * map_scale[k] + map_shift[k])``;
 2. Gaussian smoothing of ``norm`` at grid resolution (sigma in px at the 256 px reference);
 3. ``map_score = max(norm)``; optional zero border (unpadded PDN students); bilinear upsampling
-   to the input size -> ``anomaly_map``;
+   to the input size, shifted by the family's measured grid offset (``map_offset_px``: where a
+   cell's content really sits, ``train/geometry.py``) -> ``anomaly_map``;
 4. with features: ``gaussian_score`` = Mahalanobis distance of the features to the good-image
    Gaussian (one matmul with the Cholesky factor of the precision);
 5. ``image_score`` = ``d_0 + relu(d_1)`` with ``d = (scores - score_center) * score_weight``
@@ -58,11 +59,14 @@ class DeployHead(nn.Module):
 
     maps: float32 [N,K,h,w] raw per-map anomaly (larger = more anomalous); features: float32
     [N,D] or None. ``blur_px``: smoothing sigma in input px at the 256 px reference (short side);
-    ``pad_cells``: zero border added after smoothing, in grid cells (for unpadded networks).
+    ``pad_cells``: zero border added after smoothing, in grid cells (for unpadded networks);
+    ``map_offset_px``: (dy, dx) in input px, how far below / right of its cell's centre a defect's
+    response lands on the grid (a CNN trunk with symmetric padding reads each cell from above-left of
+    it); the upsampled map is moved back by it, rounded to whole pixels. (0, 0): plain upsampling.
     """
 
     def __init__(self, map_names: tuple[str, ...], grid: tuple[int, int], feature_dim: int = 0,
-                 blur_px: float = 0.0, pad_cells: int = 0):
+                 blur_px: float = 0.0, pad_cells: int = 0, map_offset_px: tuple[float, float] = (0.0, 0.0)):
         super().__init__()
         self.map_names = tuple(map_names)
         self.grid = (int(grid[0]), int(grid[1]))
@@ -80,6 +84,8 @@ class DeployHead(nn.Module):
         self.register_buffer("score_weight", torch.full((n_scores,), 1.0 / n_scores))
         self.blur_px = 0.0
         self.set_smoothing(blur_px)
+        self.map_offset_px = (0.0, 0.0)
+        self.set_offset(map_offset_px)
 
     @property
     def calibration_names(self) -> tuple[str, ...]:
@@ -98,6 +104,30 @@ class DeployHead(nn.Module):
         device = self.map_scale.device
         self.smoothing = MapSmoothing(self.blur_px * min(self.grid) / 256, self.grid).to(device)
 
+    def set_offset(self, map_offset_px) -> None:
+        """(dy, dx) in input px; the map is shifted by the rounded values (whole output pixels)."""
+        dy, dx = (float(v) for v in map_offset_px)
+        self.map_offset_px = (dy, dx)
+
+    def upsample(self, norm: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """Bilinear (half-pixel) upsampling of [N,1,h,w] to ``out_hw``, read ``map_offset_px`` further on, so a
+        defect's response is drawn where the defect is. The grid is edge-padded by whole cells first: inside,
+        the padded upsampling equals the plain one; beyond the border it continues it as bilinear clamping does."""
+        dy, dx = (int(round(v)) for v in self.map_offset_px)
+        if not (dy or dx):
+            return F.interpolate(norm, size=out_hw, mode="bilinear", align_corners=False)
+        h, w = int(norm.shape[-2]), int(norm.shape[-1])  # static per graph: whole-cell padding and crop are constants
+        big_h, big_w = int(out_hw[0]), int(out_hw[1])
+        if big_h % h or big_w % w:
+            raise ValueError(f"a grid offset needs the {big_w}x{big_h} output to be a whole multiple of the {w}x{h} "
+                             "map; choose an input size divisible by the family's grid stride")
+        sy, sx = big_h // h, big_w // w
+        ky, kx = -(-abs(dy) // sy), -(-abs(dx) // sx)  # whole cells of padding that cover the shift
+        padded = F.pad(norm, (kx, kx, ky, ky), mode="replicate")
+        up = F.interpolate(padded, size=((h + 2 * ky) * sy, (w + 2 * kx) * sx), mode="bilinear", align_corners=False)
+        y0, x0 = ky * sy + dy, kx * sx + dx
+        return up[:, :, y0:y0 + big_h, x0:x0 + big_w]
+
     def forward(self, maps: torch.Tensor, features: torch.Tensor | None,
                 out_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
         norm = torch.sum(maps * self.map_scale + self.map_shift, dim=1, keepdim=True)
@@ -106,7 +136,7 @@ class DeployHead(nn.Module):
         if self.pad_cells:
             p = self.pad_cells
             norm = F.pad(norm, (p, p, p, p))
-        out = {"anomaly_map": F.interpolate(norm, size=out_hw, mode="bilinear", align_corners=False)}
+        out = {"anomaly_map": self.upsample(norm, out_hw)}
         if self.feature_dim:
             z = torch.matmul(features - self.gaussian_mean, self.gaussian_whitener)
             gaussian = torch.sqrt(torch.sum(z * z, dim=1) + 1e-12)

@@ -188,6 +188,10 @@ class FrozenPatchFeatures:
         with torch.no_grad():
             return self.features(x).float()
 
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The map's grid is the patch features' (``train.geometry``)."""
+        return self.patch_features(x)
+
     def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f, self._feats = self._feats, None  # set by the family's raw()
         return {FEATURES_OUTPUT: f if f is not None else self.patch_features(x)}

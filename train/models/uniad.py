@@ -159,7 +159,8 @@ def jitter_tokens(tokens: torch.Tensor, scale: float, generator: torch.Generator
 class UniADConfig(FamilyConfig):
     """Everything needed to rebuild the network from a checkpoint (stored in it as JSON)."""
 
-    LEGACY_DEFAULTS = {"feature_resample": "bilinear"}  # checkpoints from before the field: bilinear
+    # checkpoints from before each field: bilinear tokens, the map upsampled without a grid offset
+    LEGACY_DEFAULTS = {"feature_resample": "bilinear", "map_offset_px": (0.0, 0.0)}
     name: str = "uniad"
     backbone: str = "lite2"  # frozen EfficientNet-Lite: lite0 or lite2
     # Lite stages 0-3 (strides 2, 4, 8, 16): 16+24+48+120 = 208 channels for Lite2, as the paper's B4 stages 1-4.
@@ -193,6 +194,9 @@ class UniADConfig(FamilyConfig):
     lr: float = 5e-4  # Adam learning rate (warm-up, cosine decay over a short CPU schedule); 0 = the training config's
     batch_size: int = 0  # images per step; 0 = the training config's (--batch-size)
     map_blur_px: float = 4.0
+    # None: measured on the frozen features when training starts (``train.geometry``; ~(10, 10) px for the
+    # default features at 256 px) and kept; (0, 0): the map upsampled as it is
+    map_offset_px: tuple[float, float] | None = None
 
 
 def _grid(cfg: UniADConfig) -> tuple[int, int]:
@@ -259,6 +263,10 @@ class UniAD(AnomalyModel):
         """Preprocessed [N,3,H,W] -> standardized frozen features float32 [N,C,h,w]."""
         with torch.no_grad():
             return (self.features(x) - self.feature_mean) / self.feature_std
+
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen token features: the grid the map lives on (``train.geometry``)."""
+        return self.features(x)
 
     def reconstruct(self, feats: torch.Tensor) -> torch.Tensor:
         """Standardized features [N,C,h,w] -> their reconstruction [N,C,h,w] (jittered input in training)."""

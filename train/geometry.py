@@ -2,9 +2,11 @@
 
 A map drawn with the half-pixel convention puts cell ``i`` at input px ``s*i + s/2`` (``s`` = stride). A
 CNN trunk with symmetric padding reads each cell from above-left of that point (each stride-2 layer moves
-its outputs half an input step up-left, and the moves add up over the stages): measured on the frozen
-EfficientNet-Lite2 stages 0-3 at stride 16, a small defect's response lands about 10 px below and right
-of the defect at 256 px (docs/uniad.md). Localization metrics at the pixel level pay for that.
+its outputs half an input step up-left, and the trained weights add to it): measured on the frozen
+EfficientNet-Lite2 stages 0-3 at stride 16, a small defect's response lands about 11 px below and 10 px
+right of the defect at 256 px (benchmarks/README.md, "Where the map is drawn"). Pixel-level localization
+metrics pay for that. The offset depends on the weights (random ones measure ~3 px), so it is measured per
+model, not computed from the architecture.
 
 ``measure_grid_offset`` paints small dots at known pixels on deterministic generated images (no data, no
 download) and returns the mean (dy, dx) in input px by which the response's centroid on the grid lies
@@ -57,6 +59,7 @@ def measure_grid_offset(features: Callable[[torch.Tensor], torch.Tensor], prepro
     returns None (a model without a feature grid to measure)."""
     h, w = image_size
     base = probe_images(image_size)
+
     def run(frames: np.ndarray) -> torch.Tensor | None:
         f = features(preprocess(torch.from_numpy(frames).to(device)))
         return None if f is None else f.float().cpu()

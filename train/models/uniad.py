@@ -194,8 +194,9 @@ class UniADConfig(FamilyConfig):
     lr: float = 5e-4  # Adam learning rate (warm-up, cosine decay over a short CPU schedule); 0 = the training config's
     batch_size: int = 0  # images per step; 0 = the training config's (--batch-size)
     map_blur_px: float = 4.0
-    # None: measured on the frozen features when training starts (``train.geometry``; ~(10, 10) px for the
-    # default features at 256 px) and kept; (0, 0): the map upsampled as it is
+    # None: measured on the frozen features when training starts (``train.geometry``; ~(11, 10) px for the default
+    # features at 256 px) and kept; (0, 0): the map upsampled as it is. Adopted on painted validation of the 7-class
+    # run: pixel AUROC 0.976 -> 0.992, AUPRO 0.881 -> 0.968, higher on 7 of 7 classes (docs/uniad.md)
     map_offset_px: tuple[float, float] | None = None
 
 

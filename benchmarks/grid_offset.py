@@ -24,18 +24,18 @@ log = logging.getLogger("benchmarks.grid_offset")
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
 
-def _scores(model, data: str, cfg, threshold: float) -> dict:
+def _scores(model, data: str, val, threshold: float, seed: int) -> dict:
     from train.evaluate import evaluate_model
-    from train.loop import load_training_images
     from train.painted_validation import painted_validation
 
     test = evaluate_model(model, data, "cpu", threshold)["image_score"]
-    painted = painted_validation(model, load_training_images(cfg).val, seed=cfg.seed)["image_score"]
+    painted = painted_validation(model, val, seed=seed)["image_score"]
     return {"painted_validation": {k: painted[k] for k in KEYS}, "test": {k: test[k] for k in KEYS}}
 
 
 def run_one(spec: str, data: str, work: Path, args) -> dict:
-    from train.loop import TrainConfig, load_checkpoint, train
+    from train.geometry import drawn_at
+    from train.loop import TrainConfig, load_checkpoint, load_training_images, train
 
     name, kw = parse_spec(spec)
     kw = {**kw, "map_offset_px": None}  # measured when training starts
@@ -47,9 +47,10 @@ def run_one(spec: str, data: str, work: Path, args) -> dict:
     fit_s = time.perf_counter() - t0
     offset = model.cfg.map_offset_px
     threshold = blob["thresholds"]["image"]
-    with_offset = _scores(model, data, cfg, threshold)
-    model.set_map_offset((0.0, 0.0))
-    without = _scores(model, data, cfg, threshold)
+    val = load_training_images(cfg).val  # the held-out split training drew, read once for both sides
+    with_offset = _scores(model, data, val, threshold, cfg.seed)
+    with drawn_at(model, (0.0, 0.0)):
+        without = _scores(model, data, val, threshold, cfg.seed)
     row = {"model": name, "options": {k: v for k, v in kw.items() if k != "map_offset_px"}, "data": str(data),
            "image_size": list(model.cfg.image_size), "map_offset_px": list(offset), "fit_wall_seconds": round(fit_s, 1),
            "with_offset": with_offset, "without_offset": without}

@@ -76,37 +76,41 @@ def _evaluate(model, blob: dict, label: str, classes: list[str]) -> tuple[dict, 
     return res, blob.get("map_smoothing")
 
 
-def painted_per_class(model, classes: list[str], image_size: str, seed: int) -> dict:
+def held_out_frames(classes: list[str], image_size: str, seed: int) -> dict[str, np.ndarray]:
+    """Each class's held-out validation images (uint8 NHWC), by class name: the split training drew (same data,
+    size, seed). Reads the images only; nothing is written."""
+    from train.loop import TrainConfig, load_training_images
+
+    imgs = load_training_images(TrainConfig(data=classes, out="", model="uniad", image_size=image_size, seed=seed))
+    cls = np.asarray(imgs.val_classes)
+    return {Path(d).name: imgs.val[cls == Path(d).name] for d in classes}
+
+
+def painted_per_class(model, classes: list[str], image_size: str, seed: int,
+                      held_out: dict[str, np.ndarray] | None = None) -> dict:
     """Per class: the metrics on that class's held-out validation images plus defects painted on them
     (``train.painted_validation``), and their mean: what a UniAD setting (input size, an option) may be
-    chosen on, never the test split. The validation split is the one training drew (same data, size, seed)."""
-    from train.loop import TrainConfig, load_training_images
+    chosen on, never the test split. ``held_out``: ``held_out_frames`` of the same arguments, when already read."""
     from train.painted_validation import painted_validation
 
-    imgs = load_training_images(TrainConfig(data=classes, out="", model="uniad", image_size=image_size,
-                                            seed=seed))  # reads the images only; nothing is written
-    cls = np.asarray(imgs.val_classes)
-    per = {}
-    for d in classes:
-        name = Path(d).name
-        per[name] = painted_validation(model, imgs.val[cls == name], seed=seed)
+    if held_out is None:
+        held_out = held_out_frames(classes, image_size, seed)
+    per = {name: painted_validation(model, frames, seed=seed) for name, frames in held_out.items()}
     key = "image_score"
     per["mean_image_plus_pixel_auroc"] = float(np.mean([v[key]["image_auroc"] + v[key]["pixel_auroc"]
                                                         for v in per.values()]))
     return per
 
 
-def without_offset(model, blob: dict, label: str, classes: list[str], args) -> dict:
+def without_offset(model, blob: dict, label: str, classes: list[str], args, held_out: dict[str, np.ndarray]) -> dict:
     """The same trained model with its map upsampled without the grid offset (``train.geometry``): what the
     offset is worth, on painted validation (where it is chosen) and the test splits (reported). Image scores
     are the map's maximum on the grid, so only the pixel metrics can move."""
-    kept = model.cfg.map_offset_px
-    model.set_map_offset((0.0, 0.0))
-    try:
+    from train.geometry import drawn_at
+
+    with drawn_at(model, (0.0, 0.0)):
         per, _ = _evaluate(model, blob, f"{label} without offset", classes)
-        painted = painted_per_class(model, classes, args.image_size, args.seed)
-    finally:
-        model.set_map_offset(kept)
+        painted = painted_per_class(model, classes, args.image_size, args.seed, held_out)
     return {"painted_validation": painted, "per_class": per, "mean": _mean(per)}
 
 
@@ -253,6 +257,7 @@ def main() -> None:
     wanted = [] if args.ablation is None else (args.ablation or list(ABLATIONS))  # --ablation alone: all
     ablations = [(k, v) for k, v in ABLATIONS.items() if k in wanted]
     runs = ([] if args.skip_uniad else [("uniad", {})]) + ablations
+    held_out = None
     for label, off in runs:
         if label in done:
             continue
@@ -260,13 +265,15 @@ def main() -> None:
                             args.uniad_map_blur)
         model, blob = load_checkpoint(ckpt)  # once, for the test splits and the painted validation
         per, smoothing = _evaluate(model, blob, label, classes)
-        painted = painted_per_class(model, classes, args.image_size, args.seed)
+        if held_out is None:  # read once: every run below trains on the same split
+            held_out = held_out_frames(classes, args.image_size, args.seed)
+        painted = painted_per_class(model, classes, args.image_size, args.seed, held_out)
         result[label] = {"changed_from_default": dict(sorted(off.items())), "steps": args.steps_per_class * n,
                          "train_seconds": secs, "map_smoothing": smoothing, "painted_validation": painted,
                          "per_class": per, "mean": _mean(per), "speed": _speed(ckpt, args.speed_repeats) if label == "uniad" else None,
-                         "map_offset_px": list(model.cfg.map_offset_px or (0.0, 0.0))}
-        if any(model.cfg.map_offset_px or ()):
-            result[label]["without_map_offset"] = without_offset(model, blob, label, classes, args)
+                         "map_offset_px": list(model.head.map_offset_px)}
+        if any(model.head.drawn_offset_px):
+            result[label]["without_map_offset"] = without_offset(model, blob, label, classes, args, held_out)
         save()
     if not args.skip_efficientad:
         kept = done.get("efficientad_per_class", {})

@@ -173,7 +173,7 @@ def sidecar_from_checkpoint(blob: dict, model: AnomalyModel, model_file: str, ba
         outputs=meanings, roles=roles,
         head={"map_names": list(model.head.map_names), "smoothing_px": model.head.blur_px,
               "has_gaussian": bool(model.head.feature_dim), "grid": list(model.grid),
-              "map_offset_px": [int(round(v)) for v in model.head.map_offset_px]},
+              "map_offset_px": list(model.head.drawn_offset_px)},
         normalization=Normalization(**parts["normalization"]),
         gaussian=GaussianInfo(**blob.get("gaussian", {})),
         score=ScoreSpec(**parts["score"]),

@@ -77,6 +77,7 @@ def test_training_measures_the_offset_and_the_graph_draws_it(tmp_path):
     exported graph (ONNX Runtime) draws its map moved by it, matching torch; old checkpoints have none."""
     logging.getLogger("train").setLevel(logging.WARNING)
     from export.onnx_export import export_onnx
+    from runtime.artifact import read_sidecar
     from runtime.model import Model
     from runtime.synthetic import write_dataset
     from train.loop import TrainConfig, load_checkpoint, run_outputs, train
@@ -101,9 +102,13 @@ def test_training_measures_the_offset_and_the_graph_draws_it(tmp_path):
     deployed = Model(export_onnx(ckpt, tmp_path / "uni.onnx")).predict(list(frames)).anomaly_map
     ref = run_outputs(model, frames, "cpu", keys=("anomaly_map",))["anomaly_map"][:, 0]
     assert np.abs(deployed - ref).max() < 1e-4
-    model.set_map_offset((0.0, 0.0))
-    plain = run_outputs(model, frames, "cpu", keys=("anomaly_map",))["anomaly_map"][:, 0]
+    from train.geometry import drawn_at
+
+    with drawn_at(model, (0.0, 0.0)):
+        plain = run_outputs(model, frames, "cpu", keys=("anomaly_map",))["anomaly_map"][:, 0]
     assert np.abs(deployed[:, 4:50, 10:60] - plain[:, 11:57, 7:57]).max() < 1e-4
+    assert model.cfg.map_offset_px == (7.0, -3.0) and model.head.drawn_offset_px == (7, -3)  # its own offset back
+    assert read_sidecar(tmp_path / "uni.onnx").head["map_offset_px"] == [7, -3]
 
     assert UniADConfig.from_dict({"name": "uniad"}).map_offset_px == (0.0, 0.0)  # written before the field
     assert UniADConfig().map_offset_px is None  # new models: measured when training starts

@@ -15,7 +15,8 @@ past the dot; the deploy head moves the upsampled map back by it (``DeployHead.m
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -112,3 +113,16 @@ def apply_grid_offset(model, device: str = "cpu") -> dict:
         return {"map_offset_px": [0.0, 0.0], "how": "no feature grid to measure (the model's grid_features is None)"}
     model.set_map_offset(offset)
     return {"map_offset_px": list(model.cfg.map_offset_px), "how": "measured (train.geometry)"}
+
+
+@contextmanager
+def drawn_at(model, map_offset_px) -> Iterator[None]:
+    """The model's map drawn at another offset while the block runs (e.g. (0, 0): what its offset is worth on the
+    same trained model); its own offset, in the head and the config, comes back afterwards."""
+    kept_cfg, kept = model.cfg.map_offset_px, model.head.map_offset_px
+    model.set_map_offset(map_offset_px)
+    try:
+        yield
+    finally:
+        model.head.set_offset(kept)
+        model.cfg.map_offset_px = kept_cfg

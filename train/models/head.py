@@ -109,11 +109,17 @@ class DeployHead(nn.Module):
         dy, dx = (float(v) for v in map_offset_px)
         self.map_offset_px = (dy, dx)
 
+    @property
+    def drawn_offset_px(self) -> tuple[int, int]:
+        """(dy, dx) as the graph applies it: whole output pixels."""
+        dy, dx = (int(round(v)) for v in self.map_offset_px)
+        return dy, dx
+
     def upsample(self, norm: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
         """Bilinear (half-pixel) upsampling of [N,1,h,w] to ``out_hw``, read ``map_offset_px`` further on, so a
         defect's response is drawn where the defect is. The grid is edge-padded by whole cells first: inside,
         the padded upsampling equals the plain one; beyond the border it continues it as bilinear clamping does."""
-        dy, dx = (int(round(v)) for v in self.map_offset_px)
+        dy, dx = self.drawn_offset_px
         if not (dy or dx):
             return F.interpolate(norm, size=out_hw, mode="bilinear", align_corners=False)
         h, w = int(norm.shape[-2]), int(norm.shape[-1])  # static per graph: whole-cell padding and crop are constants
